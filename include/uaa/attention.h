@@ -1,0 +1,70 @@
+// uaa/attention.h — the Ulysses Anything Attention call.
+//
+//   uaa::Workspace ws;                       // reused across calls; grows on the first call only
+//   uaa::AttentionArgs args;
+//   args.q = uaa::contiguous(q.data(), plan.q_tokens(), 24, 128);    // [S_local][Hq][D]
+//   args.k = uaa::contiguous(k.data(), plan.kv_tokens(), 8, 128);    // [Skv_local][Hkv][D]
+//   args.v = uaa::contiguous(v.data(), plan.kv_tokens(), 8, 128);
+//   args.out = uaa::contiguous(o.data(), plan.q_tokens(), 24, 128);  // [S_local][Hq][D]
+//   uaa::forward(*comm, plan, args, ws);     // collective over comm
+//
+// What happens: q, k, v are packed by destination (one copy), exchanged with uneven counts so every
+// rank holds all tokens of its heads, attention runs on those heads, and the output goes back to the
+// ranks that own the tokens. The result is bitwise identical for every number of ranks and every
+// split of the tokens: P ranks produce exactly what one rank produces for the whole sequence.
+//
+// Errors: any invalid argument on any rank (wrong token count, heads, strides, dtype, overlapping
+// output, another communicator) makes forward() throw uaa::Error on *every* rank, naming the rank and
+// the values; the caller's out/lse are then untouched on every rank.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "uaa/communicator.h"
+#include "uaa/plan.h"
+#include "uaa/types.h"
+
+namespace uaa {
+
+struct AttentionArgs {
+  ConstTensor q;          // [plan.q_tokens()][Hq][D]
+  ConstTensor k;          // [plan.kv_tokens()][Hkv][D]
+  ConstTensor v;          // [plan.kv_tokens()][Hkv][D]
+  Tensor out;             // [plan.q_tokens()][Hq][D]; must not overlap q, k, v
+  float* lse = nullptr;   // [q_tokens][Hq] log-sum-exp (natural log) of the scaled scores;
+                          // required iff the plan has return_lse, else must be null
+  std::int64_t lse_token_stride = 0;  // elements between tokens in lse; 0 means Hq
+};
+
+// Per-phase wall times of one call, in milliseconds, as seen by this rank.
+struct PhaseTimes {
+  double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, total = 0;
+};
+
+// Buffers reused across calls. One workspace serves one call at a time; use one per thread.
+class Workspace {
+ public:
+  Workspace();
+  ~Workspace();
+  Workspace(Workspace&&) noexcept;
+  Workspace& operator=(Workspace&&) noexcept;
+
+  std::int64_t bytes_reserved() const;  // total bytes held
+  std::int64_t grow_count() const;      // how many times a buffer had to grow (allocation count)
+
+  struct Buffers;
+  Buffers& buffers() { return *buffers_; }
+
+ private:
+  std::unique_ptr<Buffers> buffers_;
+};
+
+// Collective over `comm`, which must be the communicator the plan was built with.
+void forward(Communicator& comm, const Plan& plan, const AttentionArgs& args, Workspace& ws,
+             PhaseTimes* times = nullptr);
+
+// Name of the attention kernel forward() uses in this process (chosen once, best first).
+const char* kernel_name();
+
+}  // namespace uaa

@@ -1,0 +1,51 @@
+// uaa/communicator.h — the transport interface that algorithm code talks to.
+//
+// Two jobs: a small host-side all-gather (plans use it once) and the bulk uneven exchange (every call
+// uses it twice). Counts and displacements are 64-bit byte counts; an implementation must move
+// messages of any size, including past 2^31 elements. Implementations: uaa/mpi.h (MPI). Algorithm
+// code never names a transport.
+//
+// Thread safety: a communicator serves one collective at a time; calls on one communicator from
+// several threads must be serialized by the caller (as with MPI communicators).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+namespace uaa {
+
+class Communicator : public std::enable_shared_from_this<Communicator> {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const char* transport() const = 0;
+
+  // Every rank contributes `bytes` bytes; `recv` receives size() * bytes, ordered by rank.
+  virtual void allgather(const void* send, std::size_t bytes, void* recv) = 0;
+
+  // Uneven all-to-all. Peer j gets send[send_displs[j] .. + send_counts[j]) and this rank receives
+  // peer j's block into recv[recv_displs[j] .. + recv_counts[j]). All values are bytes, size() each.
+  virtual void alltoallv(const void* send, std::span<const std::int64_t> send_counts,
+                         std::span<const std::int64_t> send_displs, void* recv,
+                         std::span<const std::int64_t> recv_counts,
+                         std::span<const std::int64_t> recv_displs) = 0;
+
+  // Process-unique identity of this communicator object (plans remember which one built them).
+  std::uint64_t id() const { return id_; }
+
+  // Number of forward() calls issued on this communicator so far; travels with each call so that
+  // ranks that lost step with each other fail instead of mixing data.
+  std::uint64_t next_call_index() { return call_index_++; }
+
+ protected:
+  Communicator();
+
+ private:
+  std::uint64_t id_;
+  std::uint64_t call_index_ = 0;
+};
+
+}  // namespace uaa

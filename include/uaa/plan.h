@@ -1,0 +1,93 @@
+// uaa/plan.h — an immutable description of one sequence-parallel attention layout.
+//
+// A plan holds every rank's query and key/value token counts, the attention shape and options, the
+// split of heads over ranks and every per-peer count and displacement of both exchanges. Build it once
+// per layout and reuse it for every layer and step: calls made with a plan exchange no metadata.
+//
+//   uaa::AttentionShape shape{.q_heads = 24, .kv_heads = 8, .head_dim = 128, .causal = true};
+//   // Collective: one all-gather of a small record; every rank may hold any number of tokens.
+//   uaa::Plan plan = uaa::Plan::create(*comm, shape, my_q_tokens, my_kv_tokens);
+//   // Local: no communication, when every rank already knows all lengths (must be identical on all
+//   // ranks; a disagreement is detected by the first forward() call).
+//   uaa::Plan same = uaa::Plan::from_lengths(*comm, shape, {1000, 1001, 0}, {1000, 1001, 0});
+//
+// Heads: rank r owns the contiguous query heads [q_head_begin(r), q_head_end(r)); the range sizes
+// differ by at most one (no head padding); with more ranks than heads some ranks own none. With GQA
+// (q_heads = g * kv_heads) query head h reads key/value head h / g, and a rank receives exactly the
+// key/value heads its query heads read.
+//
+// Causal convention: global query position i may attend global key position j iff
+// j <= i + (kv_total - q_total) (bottom-right aligned, as in FlashAttention 2.1+). With
+// q_total == kv_total this is the usual j <= i. Rows that may attend no key (q_total > kv_total)
+// produce zeros and a log-sum-exp of -inf.
+//
+// A Plan is a cheap-to-copy handle to immutable data: share it freely across threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "uaa/communicator.h"
+#include "uaa/types.h"
+
+namespace uaa {
+
+// The fields every rank must agree on.
+struct AttentionShape {
+  std::int64_t q_heads = 0;   // Hq >= 1
+  std::int64_t kv_heads = 0;  // Hkv >= 1 dividing Hq; 0 means "same as q_heads" (MHA)
+  std::int64_t head_dim = 0;  // D in [1, kMaxHeadDim]
+  DType dtype = DType::f32;   // element type of q, k, v and out
+  bool causal = false;        // see the causal convention above
+  float scale = 0.0f;         // softmax scale; 0 means 1/sqrt(head_dim)
+  bool return_lse = false;    // forward() also returns the log-sum-exp of every (token, head)
+};
+
+inline constexpr std::int64_t kMaxHeadDim = 256;
+
+namespace detail {
+struct PlanData;
+}
+
+class Plan {
+ public:
+  // Collective over `comm`: exactly one all-gather of a fixed-size record per rank. Throws the same
+  // uaa::Error on every rank if any rank's input is invalid or the ranks disagree on the shape.
+  static Plan create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
+                     std::int64_t kv_tokens);
+
+  // No communication: all ranks' lengths are given (one entry per rank, identical on every rank).
+  static Plan from_lengths(Communicator& comm, const AttentionShape& shape,
+                           std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens);
+
+  int ranks() const;
+  int rank() const;
+  const AttentionShape& shape() const;  // normalized: kv_heads and scale filled in
+  const std::vector<std::int64_t>& q_lens() const;
+  const std::vector<std::int64_t>& kv_lens() const;
+  std::int64_t q_tokens() const;   // this rank's
+  std::int64_t kv_tokens() const;  // this rank's
+  std::int64_t q_total() const;
+  std::int64_t kv_total() const;
+  std::int64_t q_head_begin(int rank) const;
+  std::int64_t q_head_end(int rank) const;
+  std::int64_t kv_head_begin(int rank) const;  // kv heads received by `rank`
+  std::int64_t kv_head_end(int rank) const;
+
+  // Bytes this rank sends in the q/k/v exchange and in the output exchange (payload, other ranks).
+  std::int64_t bytes_sent() const;
+  // A 64-bit digest of everything the ranks must agree on (lengths, shape, options).
+  std::uint64_t fingerprint() const;
+  // One-line human-readable summary.
+  std::string describe() const;
+
+  const detail::PlanData& data() const { return *data_; }
+
+ private:
+  explicit Plan(std::shared_ptr<const detail::PlanData> data) : data_(std::move(data)) {}
+  std::shared_ptr<const detail::PlanData> data_;
+};
+
+}  // namespace uaa

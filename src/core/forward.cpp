@@ -1,0 +1,367 @@
+// The Ulysses step: validate → pack → exchange q/k/v → attention → exchange out → unpack.
+//
+// Errors on one rank must not leave its peers waiting: a rank whose input is bad still takes part in
+// the q/k/v exchange and puts its verdict in the call header that opens every block it sends. After
+// the exchange every rank has every rank's verdict, plan fingerprint and call index, and all raise
+// the same error before anything is written to the caller's buffers.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "common/strings.h"
+#include "core/workspace.h"
+#include "kernels/kernel.h"
+#include "plan/plan_data.h"
+#include "uaa/attention.h"
+#include "uaa/error.h"
+
+namespace uaa {
+namespace {
+
+using detail::cat;
+using detail::Layout;
+
+struct CallHeader {
+  std::uint64_t magic;
+  std::uint64_t fingerprint;  // of the plan the sender called with
+  std::uint64_t call_index;   // forward() calls the sender made on this communicator before
+  std::int32_t rank;
+  std::int32_t status;        // 0 ok, else 1 + ErrorCode
+  char message[224];          // the sender's error message, if any
+};
+static_assert(sizeof(CallHeader) == detail::kCallHeaderBytes);
+constexpr std::uint64_t kCallMagic = 0x316c6c6163616175ull;  // "uaacall1"
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// Byte range [lo, hi) spanned by a strided view (empty if it has no rows).
+struct Extent {
+  const std::byte* lo = nullptr;
+  const std::byte* hi = nullptr;
+  bool empty() const { return lo == hi; }
+  bool overlaps(const Extent& o) const { return !empty() && !o.empty() && lo < o.hi && o.lo < hi; }
+};
+
+Extent extent_of(const void* data, std::int64_t tokens, std::int64_t heads, std::int64_t dim,
+                 std::int64_t ts, std::int64_t hs, std::size_t es) {
+  if (tokens == 0 || heads == 0 || dim == 0) return {};
+  const auto* p = static_cast<const std::byte*>(data);
+  const std::int64_t last = (tokens - 1) * ts + (heads - 1) * hs + dim;
+  return {p, p + last * static_cast<std::int64_t>(es)};
+}
+
+// Checks one tensor argument against what the plan expects; returns the problem or "".
+std::string view_problem(const char* name, const ConstTensor& t, std::int64_t tokens,
+                         std::int64_t heads, const AttentionShape& s) {
+  if (t.dtype != s.dtype)
+    return cat(name, ".dtype ", dtype_name(t.dtype), " but the plan has ", dtype_name(s.dtype));
+  if (t.tokens != tokens)
+    return cat(name, ".tokens ", t.tokens, " but the plan gives this rank ", tokens);
+  if (t.heads != heads) return cat(name, ".heads ", t.heads, " but the plan has ", heads);
+  if (t.head_dim != s.head_dim)
+    return cat(name, ".head_dim ", t.head_dim, " but the plan has ", s.head_dim);
+  if (t.token_stride < 0 || t.head_stride < 0)
+    return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") must be >= 0");
+  if (t.data == nullptr && tokens * heads > 0) return cat(name, ".data is null");
+  return {};
+}
+
+// True if the rows of a [tokens][heads][dim] view with these strides are pairwise disjoint.
+bool rows_disjoint(std::int64_t tokens, std::int64_t heads, std::int64_t dim, std::int64_t ts,
+                   std::int64_t hs) {
+  struct Axis {
+    std::int64_t stride, count;
+  };
+  Axis a{ts, tokens}, b{hs, heads};
+  if (a.count <= 1) a.stride = 0;
+  if (b.count <= 1) b.stride = 0;
+  if (a.stride > b.stride) std::swap(a, b);
+  std::int64_t span = dim;  // elements covered by one row
+  for (const Axis& x : {a, b}) {
+    if (x.count <= 1) continue;
+    if (x.stride < span) return false;
+    span = (x.count - 1) * x.stride + span;
+  }
+  return true;
+}
+
+std::string args_problem(const Communicator& comm, const detail::PlanData& plan,
+                         const AttentionArgs& a) {
+  const AttentionShape& s = plan.shape;
+  const Layout& L = plan.layout;
+  if (comm.id() != plan.comm_id)
+    return cat("the communicator passed (", comm.transport(), ", ", comm.size(),
+               " ranks) is not the one the plan was built with");
+  const std::int64_t q_tokens = plan.q_lens[L.rank], kv_tokens = plan.kv_lens[L.rank];
+  std::string p;
+  if (!(p = view_problem("q", a.q, q_tokens, s.q_heads, s)).empty()) return p;
+  if (!(p = view_problem("k", a.k, kv_tokens, s.kv_heads, s)).empty()) return p;
+  if (!(p = view_problem("v", a.v, kv_tokens, s.kv_heads, s)).empty()) return p;
+  if (!(p = view_problem("out", a.out, q_tokens, s.q_heads, s)).empty()) return p;
+  if (!rows_disjoint(q_tokens, s.q_heads, s.head_dim, a.out.token_stride, a.out.head_stride))
+    return cat("out strides (", a.out.token_stride, ", ", a.out.head_stride,
+               ") make output rows overlap (head_dim ", s.head_dim, ")");
+  const std::size_t es = dtype_size(s.dtype);
+  const Extent out = extent_of(a.out.data, q_tokens, s.q_heads, s.head_dim, a.out.token_stride,
+                               a.out.head_stride, es);
+  const ConstTensor* inputs[] = {&a.q, &a.k, &a.v};
+  const char* names[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i) {
+    const ConstTensor& t = *inputs[i];
+    if (out.overlaps(extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride,
+                               t.head_stride, es)))
+      return cat("out overlaps ", names[i], " in memory");
+  }
+  if (s.return_lse && a.lse == nullptr && q_tokens > 0)
+    return "lse is null but the plan has return_lse";
+  if (!s.return_lse && a.lse != nullptr)
+    return "lse is given but the plan was built without return_lse";
+  if (a.lse) {
+    const std::int64_t lts = a.lse_token_stride == 0 ? s.q_heads : a.lse_token_stride;
+    if (q_tokens > 1 && lts < s.q_heads)
+      return cat("lse_token_stride ", a.lse_token_stride, " is smaller than q_heads ", s.q_heads);
+    const Extent lse = extent_of(a.lse, q_tokens, s.q_heads, 1, lts, 1, sizeof(float));
+    if (lse.overlaps(out)) return "lse overlaps out in memory";
+    for (int i = 0; i < 3; ++i) {
+      const ConstTensor& t = *inputs[i];
+      if (lse.overlaps(extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride,
+                                 t.head_stride, es)))
+        return cat("lse overlaps ", names[i], " in memory");
+    }
+  }
+  return {};
+}
+
+// Copies heads [h0, h0+n) of every token of `src` into dst as a dense [tokens][n][dim] block.
+void gather_heads(const ConstTensor& src, std::int64_t h0, std::int64_t n, std::size_t es,
+                  std::byte* dst) {
+  const std::size_t row = static_cast<std::size_t>(src.head_dim) * es;
+  const auto* base = static_cast<const std::byte*>(src.data);
+  for (std::int64_t t = 0; t < src.tokens; ++t) {
+    const std::byte* tok = base + (t * src.token_stride + h0 * src.head_stride) * es;
+    if (src.head_stride == src.head_dim) {
+      std::memcpy(dst, tok, row * n);
+      dst += row * n;
+    } else {
+      for (std::int64_t h = 0; h < n; ++h, dst += row)
+        std::memcpy(dst, tok + h * src.head_stride * es, row);
+    }
+  }
+}
+
+// Inverse of gather_heads, into the caller's output.
+void scatter_heads(const std::byte* src, const Tensor& dst, std::int64_t h0, std::int64_t n,
+                   std::size_t es) {
+  const std::size_t row = static_cast<std::size_t>(dst.head_dim) * es;
+  auto* base = static_cast<std::byte*>(dst.data);
+  for (std::int64_t t = 0; t < dst.tokens; ++t) {
+    std::byte* tok = base + (t * dst.token_stride + h0 * dst.head_stride) * es;
+    if (dst.head_stride == dst.head_dim) {
+      std::memcpy(tok, src, row * n);
+      src += row * n;
+    } else {
+      for (std::int64_t h = 0; h < n; ++h, src += row)
+        std::memcpy(tok + h * dst.head_stride * es, src, row);
+    }
+  }
+}
+
+// Reads every peer's header; returns the error all ranks agree on, or nothing.
+void check_headers(const Layout& L, const std::byte* recv, const CallHeader& mine) {
+  std::vector<CallHeader> all(L.ranks);
+  for (int j = 0; j < L.ranks; ++j) {
+    if (j == L.rank)
+      all[j] = mine;
+    else
+      std::memcpy(&all[j], recv + L.qkv_recv.displs[j], sizeof(CallHeader));
+  }
+  // Every rank inspects the same headers in the same order, so every rank raises the same error.
+  for (int j = 0; j < L.ranks; ++j)
+    if (all[j].magic != kCallMagic || all[j].rank != j)
+      throw Error(ErrorCode::mismatch,
+                  cat("uaa::forward: rank ", L.rank, " received a malformed call header from rank ",
+                      j, " (ranks called with different plans or out of step)"));
+  for (int j = 1; j < L.ranks; ++j)
+    if (all[j].fingerprint != all[0].fingerprint)
+      throw Error(ErrorCode::mismatch,
+                  cat("uaa::forward: ranks called with different plans: rank ", j,
+                      " plan fingerprint ", std::hex, all[j].fingerprint, " but rank 0 ",
+                      all[0].fingerprint));
+  for (int j = 1; j < L.ranks; ++j)
+    if (all[j].call_index != all[0].call_index)
+      throw Error(ErrorCode::mismatch,
+                  cat("uaa::forward: ranks are out of step: rank ", j, " is at call ",
+                      all[j].call_index, " but rank 0 at call ", all[0].call_index));
+  int failed = 0, first = -1;
+  for (int j = 0; j < L.ranks; ++j)
+    if (all[j].status != 0 && failed++ == 0) first = j;
+  if (first >= 0) {
+    std::string msg(all[first].message, strnlen(all[first].message, sizeof all[first].message));
+    if (failed > 1) msg += cat(" (and ", failed - 1, " more rank(s) rejected their input)");
+    throw Error(static_cast<ErrorCode>(all[first].status - 1), msg);
+  }
+}
+
+}  // namespace
+
+Workspace::Workspace() : buffers_(std::make_unique<Buffers>()) {}
+Workspace::~Workspace() = default;
+Workspace::Workspace(Workspace&&) noexcept = default;
+Workspace& Workspace::operator=(Workspace&&) noexcept = default;
+std::int64_t Workspace::grow_count() const { return buffers_->grows; }
+std::int64_t Workspace::bytes_reserved() const {
+  const Buffers& b = *buffers_;
+  return b.qkv_send.size() + b.qkv_recv.size() + b.out_send.size() + b.out_recv.size() +
+         b.scratch.size();
+}
+
+void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& args,
+             Workspace& ws, PhaseTimes* times) {
+  const auto t_start = Clock::now();
+  const detail::PlanData& plan = plan_handle.data();
+  const Layout& L = plan.layout;
+  const AttentionShape& s = plan.shape;
+  const int me = L.rank;
+
+  // The exchange always runs on the plan's communicator, so a rank handed the wrong one can still
+  // tell its peers instead of leaving them waiting.
+  std::shared_ptr<Communicator> owner = plan.comm.lock();
+  if (!owner)
+    throw Error(ErrorCode::invalid_argument,
+                cat("uaa::forward: rank ", comm.rank(),
+                    ": the communicator the plan was built with no longer exists"));
+  Communicator& xc = *owner;
+
+  const std::string problem = args_problem(comm, plan, args);
+  CallHeader header{};
+  header.magic = kCallMagic;
+  header.fingerprint = plan.fingerprint;
+  header.call_index = xc.next_call_index();
+  header.rank = me;
+  if (!problem.empty()) {
+    header.status = 1 + static_cast<int>(ErrorCode::invalid_argument);
+    const std::string msg = cat("uaa::forward: rank ", me, ": ", problem);
+    std::strncpy(header.message, msg.c_str(), sizeof header.message - 1);
+  }
+
+  Workspace::Buffers& B = ws.buffers();
+  const detail::AttentionKernel& kernel = detail::select_kernel();
+  B.reserve(B.qkv_send, L.qkv_send.total);
+  B.reserve(B.qkv_recv, L.qkv_recv.total);
+  B.reserve(B.out_send, L.out_send.total);
+  B.reserve(B.out_recv, L.out_recv.total);
+
+  // Pack: one copy of my tokens per destination, heads of that destination only.
+  const auto t_pack = Clock::now();
+  const std::size_t es = dtype_size(s.dtype);
+  std::byte* send = B.qkv_send.data();
+  for (int j = 0; j < L.ranks; ++j) {
+    if (j == me) continue;
+    std::byte* block = send + L.qkv_send.displs[j];
+    std::memcpy(block, &header, sizeof header);
+    if (!problem.empty()) continue;  // the header carries the verdict; the payload is not read
+    const detail::QkvBlock& b = L.qkv_send_block[j];
+    gather_heads(args.q, L.q_heads[j].begin, L.q_heads[j].size(), es, block + b.q);
+    gather_heads(args.k, L.kv_heads[j].begin, L.kv_heads[j].size(), es, block + b.k);
+    gather_heads(args.v, L.kv_heads[j].begin, L.kv_heads[j].size(), es, block + b.v);
+  }
+  const double pack_ms = ms_since(t_pack);
+
+  const auto t_x1 = Clock::now();
+  std::byte* recv = B.qkv_recv.data();
+  xc.alltoallv(send, L.qkv_send.counts, L.qkv_send.displs, recv, L.qkv_recv.counts,
+               L.qkv_recv.displs);
+  const double x1_ms = ms_since(t_x1);
+  check_headers(L, recv, header);
+
+  // Attention over all tokens of my heads; my own tokens are read from and written to the caller.
+  const auto t_attn = Clock::now();
+  const detail::HeadRange qh = L.q_heads[me], kvh = L.kv_heads[me];
+  if (qh.size() > 0 && plan.q_lens.size() > 0) {
+    std::vector<detail::TokenSegment> qseg(L.ranks), kseg(L.ranks), vseg(L.ranks);
+    std::vector<detail::OutSegment> oseg(L.ranks);
+    const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
+    for (int j = 0; j < L.ranks; ++j) {
+      if (j == me) {
+        const auto* q = static_cast<const std::byte*>(args.q.data);
+        const auto* k = static_cast<const std::byte*>(args.k.data);
+        const auto* v = static_cast<const std::byte*>(args.v.data);
+        auto* o = static_cast<std::byte*>(args.out.data);
+        qseg[j] = {q ? q + qh.begin * args.q.head_stride * es : nullptr, plan.q_lens[j],
+                   args.q.token_stride, args.q.head_stride};
+        kseg[j] = {k ? k + kvh.begin * args.k.head_stride * es : nullptr, plan.kv_lens[j],
+                   args.k.token_stride, args.k.head_stride};
+        vseg[j] = {v ? v + kvh.begin * args.v.head_stride * es : nullptr, plan.kv_lens[j],
+                   args.v.token_stride, args.v.head_stride};
+        oseg[j] = {o ? o + qh.begin * args.out.head_stride * es : nullptr, args.out.token_stride,
+                   args.out.head_stride, args.lse ? args.lse + qh.begin : nullptr, lse_ts};
+        continue;
+      }
+      const std::byte* block = recv + L.qkv_recv.displs[j];
+      const detail::QkvBlock& b = L.qkv_recv_block[j];
+      qseg[j] = {block + b.q, plan.q_lens[j], qh.size() * s.head_dim, s.head_dim};
+      kseg[j] = {block + b.k, plan.kv_lens[j], kvh.size() * s.head_dim, s.head_dim};
+      vseg[j] = {block + b.v, plan.kv_lens[j], kvh.size() * s.head_dim, s.head_dim};
+      std::byte* oblock = B.out_send.data() + L.out_send.displs[j];
+      float* lse = s.return_lse
+                       ? reinterpret_cast<float*>(oblock + L.out_send_block[j].lse)
+                       : nullptr;
+      oseg[j] = {oblock, qh.size() * s.head_dim, s.head_dim, lse, qh.size()};
+    }
+    detail::KernelProblem kp;
+    kp.dtype = s.dtype;
+    kp.head_dim = s.head_dim;
+    kp.q_heads = qh.size();
+    kp.q_head_begin = qh.begin;
+    kp.kv_head_begin = kvh.begin;
+    kp.group = s.q_heads / s.kv_heads;
+    kp.q = qseg;
+    kp.k = kseg;
+    kp.v = vseg;
+    kp.out = oseg;
+    kp.q_total = L.q_start.back();
+    kp.kv_total = L.kv_start.back();
+    kp.scale = s.scale;
+    kp.causal = s.causal;
+    B.reserve(B.scratch, static_cast<std::int64_t>(kernel.scratch_bytes(kp)));
+    kp.scratch = B.scratch.data();
+    kernel.run(kp);
+  }
+  const double attn_ms = ms_since(t_attn);
+
+  const auto t_x2 = Clock::now();
+  xc.alltoallv(B.out_send.data(), L.out_send.counts, L.out_send.displs, B.out_recv.data(),
+               L.out_recv.counts, L.out_recv.displs);
+  const double x2_ms = ms_since(t_x2);
+
+  // Unpack: peer j computed heads q_heads[j] of my tokens.
+  const auto t_unpack = Clock::now();
+  const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
+  for (int j = 0; j < L.ranks; ++j) {
+    if (j == me || L.q_heads[j].size() == 0) continue;
+    const std::byte* block = B.out_recv.data() + L.out_recv.displs[j];
+    scatter_heads(block, args.out, L.q_heads[j].begin, L.q_heads[j].size(), es);
+    if (args.lse) {
+      const auto* lse = reinterpret_cast<const float*>(block + L.out_recv_block[j].lse);
+      const std::int64_t n = L.q_heads[j].size();
+      for (std::int64_t t = 0; t < args.out.tokens; ++t)
+        std::memcpy(args.lse + t * lse_ts + L.q_heads[j].begin, lse + t * n, n * sizeof(float));
+    }
+  }
+  const double unpack_ms = ms_since(t_unpack);
+
+  if (times) {
+    times->pack = pack_ms;
+    times->exchange_qkv = x1_ms;
+    times->attention = attn_ms;
+    times->exchange_out = x2_ms;
+    times->unpack = unpack_ms;
+    times->total = ms_since(t_start);
+  }
+}
+
+}  // namespace uaa

@@ -1,0 +1,80 @@
+// The narrow interface between the Ulysses step and a local attention kernel (internal).
+//
+// A kernel computes softmax(scale * Q Kᵀ) V for `q_heads` query heads over a sequence handed to it as
+// segments in global token order (segment j holds rank j's tokens: the received blocks, and for the
+// own rank the caller's buffers). Output segment i belongs to query segment i.
+//
+// Exactness contract (what makes a P-rank run bitwise equal to a 1-rank run): the arithmetic for one
+// (head, query row) depends only on that row, the global key positions and the tile size — never on
+// segment boundaries, head split, which other rows are computed, or thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "uaa/types.h"
+
+namespace uaa::detail {
+
+struct TokenSegment {
+  const void* data = nullptr;  // element [t][h][d] at data + t*token_stride + h*head_stride + d
+  std::int64_t tokens = 0;
+  std::int64_t token_stride = 0;  // elements
+  std::int64_t head_stride = 0;   // elements
+};
+
+struct OutSegment {
+  void* data = nullptr;  // [tokens of the matching q segment][q_heads][head_dim]
+  std::int64_t token_stride = 0;
+  std::int64_t head_stride = 0;
+  float* lse = nullptr;  // optional, [tokens][q_heads] with head stride 1
+  std::int64_t lse_token_stride = 0;
+};
+
+struct KernelProblem {
+  DType dtype = DType::f32;
+  std::int64_t head_dim = 0;
+  std::int64_t q_heads = 0;        // heads computed here (local head h = global q_head_begin + h)
+  std::int64_t q_head_begin = 0;   // global index of local head 0
+  std::int64_t kv_head_begin = 0;  // global index of the first kv head present in k and v
+  std::int64_t group = 1;          // q_heads_total / kv_heads_total: q head g reads kv head g / group
+  std::span<const TokenSegment> q, k, v;
+  std::span<const OutSegment> out;  // same count as q
+  std::int64_t q_total = 0, kv_total = 0;
+  float scale = 1.0f;
+  bool causal = false;  // key j visible to query i iff j <= i + kv_total - q_total
+  void* scratch = nullptr;  // scratch_bytes(problem) bytes, 64-byte aligned
+};
+
+class AttentionKernel {
+ public:
+  virtual ~AttentionKernel() = default;
+  virtual const char* name() const = 0;
+  virtual bool supports(DType dtype) const = 0;
+  virtual std::size_t scratch_bytes(const KernelProblem& p) const = 0;
+  virtual void run(const KernelProblem& p) const = 0;
+};
+
+// The kernel this process uses: chosen once, best first. UAA_KERNEL=reference|tiled overrides.
+const AttentionKernel& select_kernel();
+bool kernel_supports(DType dtype);
+
+const AttentionKernel& reference_kernel();   // float64 accumulation, slow, for tests
+const AttentionKernel& tiled_f32_kernel();   // portable tiled online-softmax fp32
+
+// Whole-sequence float64 reference on contiguous fp32 tensors, for tests and --check:
+// q [Sq][Hq][D], k, v [Skv][Hkv][D] -> out [Sq][Hq][D], lse [Sq][Hq] (lse may be null).
+void reference_attention(const float* q, const float* k, const float* v, std::int64_t Sq,
+                         std::int64_t Skv, std::int64_t Hq, std::int64_t Hkv, std::int64_t D,
+                         float scale, bool causal, double* out, double* lse);
+
+// Last key a query may see (global positions); -1 when none.
+inline std::int64_t last_visible_key(std::int64_t query, std::int64_t q_total,
+                                     std::int64_t kv_total, bool causal) {
+  if (!causal) return kv_total - 1;
+  const std::int64_t last = query + kv_total - q_total;
+  return last < kv_total - 1 ? last : kv_total - 1;
+}
+
+}  // namespace uaa::detail

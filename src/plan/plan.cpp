@@ -1,0 +1,236 @@
+#include <cmath>
+#include <cstring>
+
+#include "common/strings.h"
+#include "kernels/kernel.h"
+#include "plan/plan_data.h"
+#include "uaa/error.h"
+#include "uaa/plan.h"
+
+namespace uaa {
+namespace detail {
+namespace {
+
+// Returns an empty string when the shape is valid, else what is wrong with it.
+std::string shape_problem(const AttentionShape& s) {
+  if (s.q_heads < 1) return cat("q_heads ", s.q_heads, " must be >= 1");
+  if (s.kv_heads < 0) return cat("kv_heads ", s.kv_heads, " must be >= 1 (or 0 for q_heads)");
+  const std::int64_t kv = s.kv_heads == 0 ? s.q_heads : s.kv_heads;
+  if (s.q_heads % kv != 0)
+    return cat("q_heads ", s.q_heads, " is not a multiple of kv_heads ", kv);
+  if (s.head_dim < 1 || s.head_dim > kMaxHeadDim)
+    return cat("head_dim ", s.head_dim, " is outside [1, ", kMaxHeadDim, "]");
+  if (s.dtype != DType::f32 && s.dtype != DType::bf16)
+    return cat("dtype ", static_cast<int>(s.dtype), " is not a known dtype");
+  if (!std::isfinite(s.scale)) return cat("scale ", s.scale, " is not finite");
+  return {};
+}
+
+AttentionShape normalized(AttentionShape s) {
+  if (s.kv_heads == 0) s.kv_heads = s.q_heads;
+  if (s.scale == 0.0f) s.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  return s;
+}
+
+// FNV-1a over the fields all ranks must agree on.
+struct Fnv {
+  std::uint64_t h = 1469598103934665603ull;
+  void add(const void* p, std::size_t n) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  }
+  template <typename T>
+  void add(const T& v) { add(&v, sizeof v); }
+};
+
+std::uint64_t fingerprint_of(const AttentionShape& s, const std::vector<std::int64_t>& q,
+                             const std::vector<std::int64_t>& kv) {
+  Fnv f;
+  const std::int64_t ranks = static_cast<std::int64_t>(q.size());
+  f.add(ranks);
+  f.add(q.data(), q.size() * sizeof(std::int64_t));
+  f.add(kv.data(), kv.size() * sizeof(std::int64_t));
+  f.add(s.q_heads);
+  f.add(s.kv_heads);
+  f.add(s.head_dim);
+  f.add(static_cast<std::uint8_t>(s.dtype));
+  f.add(static_cast<std::uint8_t>(s.causal));
+  f.add(static_cast<std::uint8_t>(s.return_lse));
+  f.add(s.scale);
+  return f.h;
+}
+
+std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
+                                std::vector<std::int64_t> q_lens,
+                                std::vector<std::int64_t> kv_lens) {
+  auto d = std::make_shared<PlanData>();
+  d->shape = normalized(shape);
+  d->q_lens = std::move(q_lens);
+  d->kv_lens = std::move(kv_lens);
+  LayoutInput in;
+  in.q_lens = d->q_lens;
+  in.kv_lens = d->kv_lens;
+  in.q_heads = d->shape.q_heads;
+  in.kv_heads = d->shape.kv_heads;
+  in.head_dim = d->shape.head_dim;
+  in.elem_bytes = static_cast<std::int64_t>(dtype_size(d->shape.dtype));
+  in.with_lse = d->shape.return_lse;
+  in.rank = comm.rank();
+  d->layout = compute_layout(in);
+  d->fingerprint = fingerprint_of(d->shape, d->q_lens, d->kv_lens);
+  d->comm_id = comm.id();
+  d->comm = comm.weak_from_this();
+  return d;
+}
+
+// Fixed-size record that Plan::create all-gathers: this rank's lengths, its view of the shape, and
+// its local verdict, so that every rank can raise the same error.
+struct PlanRecord {
+  std::uint64_t magic;
+  std::int64_t q_len, kv_len, q_heads, kv_heads, head_dim, ranks;
+  float scale;
+  std::uint8_t dtype, causal, return_lse, error;  // error: 0 ok, else 1 + ErrorCode
+  char message[192];
+};
+constexpr std::uint64_t kPlanRecordMagic = 0x316e616c70616175ull;  // "uaaplan1"
+
+}  // namespace
+}  // namespace detail
+
+using detail::cat;
+
+Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
+                  std::int64_t kv_tokens) {
+  const int me = comm.rank(), P = comm.size();
+  detail::PlanRecord mine{};
+  mine.magic = detail::kPlanRecordMagic;
+  mine.q_len = q_tokens;
+  mine.kv_len = kv_tokens;
+  mine.q_heads = shape.q_heads;
+  mine.kv_heads = shape.kv_heads;
+  mine.head_dim = shape.head_dim;
+  mine.ranks = P;
+  mine.scale = shape.scale;
+  mine.dtype = static_cast<std::uint8_t>(shape.dtype);
+  mine.causal = shape.causal;
+  mine.return_lse = shape.return_lse;
+
+  std::string problem;
+  ErrorCode code = ErrorCode::invalid_argument;
+  if (q_tokens < 0) {
+    problem = cat("q_tokens ", q_tokens, " is negative");
+  } else if (kv_tokens < 0) {
+    problem = cat("kv_tokens ", kv_tokens, " is negative");
+  } else if (!(problem = detail::shape_problem(shape)).empty()) {
+  } else if (!detail::kernel_supports(shape.dtype)) {
+    code = ErrorCode::unsupported;
+    problem = cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
+                  detail::select_kernel().name());
+  }
+  if (!problem.empty()) {
+    mine.error = static_cast<std::uint8_t>(1 + static_cast<int>(code));
+    const std::string msg = cat("uaa::Plan::create: rank ", me, ": ", problem);
+    std::strncpy(mine.message, msg.c_str(), sizeof mine.message - 1);
+  }
+
+  std::vector<detail::PlanRecord> all(P);
+  comm.allgather(&mine, sizeof mine, all.data());
+
+  // Every rank walks the same records in the same order, so every rank raises the same error.
+  int failed = 0;
+  const detail::PlanRecord* first_failed = nullptr;
+  for (const auto& rec : all) {
+    if (rec.magic != detail::kPlanRecordMagic)
+      throw Error(ErrorCode::internal, "uaa::Plan::create: corrupt plan record received");
+    if (rec.error != 0) {
+      ++failed;
+      if (!first_failed) first_failed = &rec;
+    }
+  }
+  if (first_failed) {
+    std::string msg = first_failed->message;
+    if (failed > 1) msg += cat(" (and ", failed - 1, " more rank(s) rejected their input)");
+    throw Error(static_cast<ErrorCode>(first_failed->error - 1), msg);
+  }
+  const detail::PlanRecord& ref = all[0];
+  for (int j = 1; j < P; ++j) {
+    const detail::PlanRecord& rec = all[j];
+    auto disagree = [&](const char* field, auto theirs, auto ours) {
+      throw Error(ErrorCode::mismatch,
+                  cat("uaa::Plan::create: ranks disagree on ", field, ": rank ", j, " has ", theirs,
+                      " but rank 0 has ", ours));
+    };
+    if (rec.ranks != ref.ranks) disagree("communicator size", rec.ranks, ref.ranks);
+    if (rec.q_heads != ref.q_heads) disagree("q_heads", rec.q_heads, ref.q_heads);
+    if (rec.kv_heads != ref.kv_heads) disagree("kv_heads", rec.kv_heads, ref.kv_heads);
+    if (rec.head_dim != ref.head_dim) disagree("head_dim", rec.head_dim, ref.head_dim);
+    if (rec.dtype != ref.dtype)
+      disagree("dtype", dtype_name(DType(rec.dtype)), dtype_name(DType(ref.dtype)));
+    if (rec.causal != ref.causal) disagree("causal", int(rec.causal), int(ref.causal));
+    if (rec.return_lse != ref.return_lse)
+      disagree("return_lse", int(rec.return_lse), int(ref.return_lse));
+    if (std::memcmp(&rec.scale, &ref.scale, sizeof(float)) != 0)
+      disagree("scale", rec.scale, ref.scale);
+  }
+  std::vector<std::int64_t> q_lens(P), kv_lens(P);
+  for (int j = 0; j < P; ++j) {
+    q_lens[j] = all[j].q_len;
+    kv_lens[j] = all[j].kv_len;
+  }
+  return Plan(detail::build(comm, shape, std::move(q_lens), std::move(kv_lens)));
+}
+
+Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
+                        std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens) {
+  const int me = comm.rank(), P = comm.size();
+  auto fail = [&](ErrorCode code, const std::string& what) {
+    throw Error(code, cat("uaa::Plan::from_lengths: rank ", me, ": ", what));
+  };
+  if (static_cast<int>(q_lens.size()) != P)
+    fail(ErrorCode::invalid_argument, cat(q_lens.size(), " q lengths for ", P, " ranks"));
+  if (static_cast<int>(kv_lens.size()) != P)
+    fail(ErrorCode::invalid_argument, cat(kv_lens.size(), " kv lengths for ", P, " ranks"));
+  for (int j = 0; j < P; ++j) {
+    if (q_lens[j] < 0) fail(ErrorCode::invalid_argument, cat("q length of rank ", j, " is ", q_lens[j]));
+    if (kv_lens[j] < 0) fail(ErrorCode::invalid_argument, cat("kv length of rank ", j, " is ", kv_lens[j]));
+  }
+  if (std::string p = detail::shape_problem(shape); !p.empty()) fail(ErrorCode::invalid_argument, p);
+  if (!detail::kernel_supports(shape.dtype))
+    fail(ErrorCode::unsupported, cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
+                                     detail::select_kernel().name()));
+  return Plan(detail::build(comm, shape, std::move(q_lens), std::move(kv_lens)));
+}
+
+int Plan::ranks() const { return data_->layout.ranks; }
+int Plan::rank() const { return data_->layout.rank; }
+const AttentionShape& Plan::shape() const { return data_->shape; }
+const std::vector<std::int64_t>& Plan::q_lens() const { return data_->q_lens; }
+const std::vector<std::int64_t>& Plan::kv_lens() const { return data_->kv_lens; }
+std::int64_t Plan::q_tokens() const { return data_->q_lens[rank()]; }
+std::int64_t Plan::kv_tokens() const { return data_->kv_lens[rank()]; }
+std::int64_t Plan::q_total() const { return data_->layout.q_start.back(); }
+std::int64_t Plan::kv_total() const { return data_->layout.kv_start.back(); }
+std::int64_t Plan::q_head_begin(int r) const { return data_->layout.q_heads.at(r).begin; }
+std::int64_t Plan::q_head_end(int r) const { return data_->layout.q_heads.at(r).end; }
+std::int64_t Plan::kv_head_begin(int r) const { return data_->layout.kv_heads.at(r).begin; }
+std::int64_t Plan::kv_head_end(int r) const { return data_->layout.kv_heads.at(r).end; }
+std::uint64_t Plan::fingerprint() const { return data_->fingerprint; }
+
+std::int64_t Plan::bytes_sent() const {
+  std::int64_t n = 0;
+  for (std::int64_t c : data_->layout.qkv_send.counts) n += c;
+  for (std::int64_t c : data_->layout.out_send.counts) n += c;
+  return n;
+}
+
+std::string Plan::describe() const {
+  const AttentionShape& s = data_->shape;
+  const int r = rank();
+  return cat("plan ", ranks(), " ranks, q_lens ", detail::list(q_lens()), " (total ", q_total(),
+             "), kv_lens ", detail::list(kv_lens()), " (total ", kv_total(), "), heads ", s.q_heads,
+             "/", s.kv_heads, " x ", s.head_dim, " ", dtype_name(s.dtype),
+             s.causal ? " causal" : "", "; rank ", r, " owns q heads [", q_head_begin(r), ",",
+             q_head_end(r), ") kv heads [", kv_head_begin(r), ",", kv_head_end(r), ")");
+}
+
+}  // namespace uaa

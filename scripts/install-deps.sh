@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages uaa needs to build, test and benchmark, skipping what is present.
+# Run as root (or with sudo available). Safe to run repeatedly.
+set -euo pipefail
+
+packages=(
+  cmake make g++ pkg-config
+  libopenmpi-dev openmpi-bin   # MPI transport and mpirun
+  libgtest-dev                 # tests
+  libhwy-dev                   # SIMD kernels (runtime ISA dispatch)
+  libopenblas-dev              # benchmark reference only (sgemm); never linked into libuaa
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

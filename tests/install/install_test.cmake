@@ -1,0 +1,15 @@
+# Script mode (cmake -P): install, configure the consumer against the install prefix, build, run.
+file(REMOVE_RECURSE ${WORK_DIR})
+set(prefix ${WORK_DIR}/prefix)
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  message("${out}")
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${err}")
+  endif()
+endfunction()
+run(${CMAKE_COMMAND} --install ${UAA_BUILD_DIR} --prefix ${prefix})
+run(${CMAKE_COMMAND} -S ${UAA_SOURCE_DIR}/examples/hello_uaa -B ${WORK_DIR}/build
+    -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release)
+run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+run(${MPIEXEC} -np 3 ${WORK_DIR}/build/hello_uaa)

@@ -56,12 +56,25 @@ class AttentionKernel {
   virtual void run(const KernelProblem& p) const = 0;
 };
 
-// The kernel this process uses: chosen once, best first. UAA_KERNEL=reference|tiled overrides.
+// The kernel this process uses: chosen once, best first (dispatch.cpp). Environment:
+//   UAA_KERNEL=reference|tiled|flash|<a flash variant name>   overrides the choice;
+//   UAA_ISA=avx512bf16|avx512|avx2|portable                     caps the ISA of the flash kernels.
 const AttentionKernel& select_kernel();
 bool kernel_supports(DType dtype);
 
 const AttentionKernel& reference_kernel();   // float64 accumulation, slow, for tests
 const AttentionKernel& tiled_f32_kernel();   // portable tiled online-softmax fp32
+
+// Flash kernels (src/kernels/cpu/flash_*), fp32 and bf16, threads from uaa::num_threads() (read by
+// both scratch_bytes and run: the count must not change between the two).
+// Calling one the CPU cannot run is undefined: use flash_kernels_supported().
+const AttentionKernel& flash_avx512bf16_kernel();  // AVX-512 + AVX512_BF16 (vdpbf16ps for bf16)
+const AttentionKernel& flash_avx512_kernel();      // AVX-512F/BW/DQ/VL + FMA
+const AttentionKernel& flash_avx2_kernel();        // AVX2 + FMA
+const AttentionKernel& flash_portable_kernel();    // any CPU (vector extensions, no FMA)
+
+// The flash variants this CPU runs, best first, ignoring UAA_ISA (tests run every one of them).
+std::span<const AttentionKernel* const> flash_kernels_supported();
 
 // Whole-sequence float64 reference on contiguous fp32 tensors, for tests and --check:
 // q [Sq][Hq][D], k, v [Skv][Hkv][D] -> out [Sq][Hq][D], lse [Sq][Hq] (lse may be null).

@@ -1,0 +1,157 @@
+// The flash attention kernels as AttentionKernel objects, one per ISA variant (baseline flags).
+//
+// Each variant handles fp32 and bf16: flash_avx512bf16 multiplies bf16 with vdpbf16ps; the others
+// widen bf16 to fp32 when packing. This unit turns KernelProblem into the plain flash::Problem the
+// per-ISA units take, and lays out the scratch: segment tables, the packed K/V of one kv head
+// (all key tiles: each is packed once and read by every query tile of every q head sharing it),
+// then one block per thread (Q tile, scores, bf16 P, accumulator, row max/sum/α).
+#include <algorithm>
+
+#include "kernels/cpu/flash_problem.h"
+#include "kernels/kernel.h"
+#include "uaa/threads.h"
+
+namespace uaa::detail {
+namespace {
+
+using flash::Traits;
+
+enum class Isa { portable, avx2, avx512, avx512bf16 };
+
+constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
+
+bool uses_bf16_pairs(Isa isa, DType dtype) { return isa == Isa::avx512bf16 && dtype == DType::bf16; }
+
+struct Sizes {
+  std::size_t tables;  // segment tables at the start of scratch
+  flash::ScratchLayout layout;
+};
+
+Sizes sizes_for(const KernelProblem& p, bool pairs, int threads) {
+  const std::size_t Bc = Traits::kKeyTile, Br = Traits::kQueryTile;
+  const std::size_t D = static_cast<std::size_t>(p.head_dim);
+  const std::size_t Dp = (D + Traits::kPad - 1) / Traits::kPad * Traits::kPad;
+  const std::size_t D2 = (D + 1) / 2;
+  const std::size_t n_kt = (static_cast<std::size_t>(p.kv_total) + Bc - 1) / Bc;
+  Sizes s;
+  s.tables = align64((p.q.size() + 2 * p.k.size()) * sizeof(flash::Segment) +
+                     p.out.size() * sizeof(flash::OutSegment));
+  flash::ScratchLayout& L = s.layout;
+  L.k_tile_bytes = pairs ? D2 * Bc * 2 * 2 : D * Bc * 4;
+  L.v_tile_bytes = pairs ? Bc * Dp * 2 : Bc * Dp * 4;
+  std::size_t at = s.tables;
+  L.k_packed = at;
+  at += align64(n_kt * L.k_tile_bytes);
+  L.v_packed = at;
+  at += align64(n_kt * L.v_tile_bytes);
+  L.per_thread = at;
+  std::size_t t = 0;
+  L.q_tile = t;
+  t += align64(pairs ? Br * D2 * 4 : Br * D * 4);
+  L.scores = t;
+  t += align64(Br * Bc * 4);
+  L.p_bf16 = t;
+  t += align64(Br * Bc * 2);
+  L.acc = t;
+  t += align64(Br * Dp * 4);
+  L.row_max = t;
+  t += align64(Br * 4);
+  L.row_sum = t;
+  t += align64(Br * 4);
+  L.alpha = t;
+  t += align64(Br * 4);
+  L.thread_stride = t;
+  L.total = at + static_cast<std::size_t>(threads) * t;
+  return s;
+}
+
+class FlashKernel final : public AttentionKernel {
+ public:
+  FlashKernel(const char* name, Isa isa) : name_(name), isa_(isa) {}
+  const char* name() const override { return name_; }
+  bool supports(DType dtype) const override { return dtype == DType::f32 || dtype == DType::bf16; }
+
+  std::size_t scratch_bytes(const KernelProblem& p) const override {
+    return sizes_for(p, uses_bf16_pairs(isa_, p.dtype), num_threads()).layout.total;
+  }
+
+  void run(const KernelProblem& kp) const override {
+    const bool pairs = uses_bf16_pairs(isa_, kp.dtype);
+    const int threads = num_threads();
+    const Sizes sz = sizes_for(kp, pairs, threads);
+    char* scratch = static_cast<char*>(kp.scratch);
+    auto* q = reinterpret_cast<flash::Segment*>(scratch);
+    flash::Segment* k = q + kp.q.size();
+    flash::Segment* v = k + kp.k.size();
+    auto* out = reinterpret_cast<flash::OutSegment*>(v + kp.v.size());
+    std::int64_t begin = 0;
+    for (std::size_t i = 0; i < kp.q.size(); ++i) {
+      const TokenSegment& s = kp.q[i];
+      q[i] = {s.data, begin, s.tokens, s.token_stride, s.head_stride};
+      const OutSegment& o = kp.out[i];
+      out[i] = {o.data, o.token_stride, o.head_stride, o.lse, o.lse_token_stride};
+      begin += s.tokens;
+    }
+    begin = 0;
+    for (std::size_t i = 0; i < kp.k.size(); ++i) {
+      const TokenSegment& s = kp.k[i];
+      const TokenSegment& t = kp.v[i];
+      k[i] = {s.data, begin, s.tokens, s.token_stride, s.head_stride};
+      v[i] = {t.data, begin, t.tokens, t.token_stride, t.head_stride};
+      begin += s.tokens;
+    }
+    flash::Problem p;
+    p.bf16 = kp.dtype == DType::bf16;
+    p.head_dim = kp.head_dim;
+    p.padded_dim = (kp.head_dim + Traits::kPad - 1) / Traits::kPad * Traits::kPad;
+    p.q_heads = kp.q_heads;
+    p.q_head_begin = kp.q_head_begin;
+    p.kv_head_begin = kp.kv_head_begin;
+    p.group = kp.group;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.q_segments = static_cast<std::int64_t>(kp.q.size());
+    p.kv_segments = static_cast<std::int64_t>(kp.k.size());
+    p.q_total = kp.q_total;
+    p.kv_total = kp.kv_total;
+    p.scale = kp.scale;
+    p.causal = kp.causal;
+    p.threads = threads;
+    p.scratch = scratch;
+    p.layout = sz.layout;
+    if (p.q_segments == 0 || p.q_heads == 0) return;
+    switch (isa_) {
+      case Isa::portable: flash::run_portable(p); break;
+      case Isa::avx2: flash::run_avx2(p); break;
+      case Isa::avx512: flash::run_avx512(p); break;
+      case Isa::avx512bf16: pairs ? flash::run_avx512bf16(p) : flash::run_avx512(p); break;
+    }
+  }
+
+ private:
+  const char* name_;
+  Isa isa_;
+};
+
+}  // namespace
+
+const AttentionKernel& flash_portable_kernel() {
+  static const FlashKernel k("flash_portable", Isa::portable);
+  return k;
+}
+const AttentionKernel& flash_avx2_kernel() {
+  static const FlashKernel k("flash_avx2", Isa::avx2);
+  return k;
+}
+const AttentionKernel& flash_avx512_kernel() {
+  static const FlashKernel k("flash_avx512", Isa::avx512);
+  return k;
+}
+const AttentionKernel& flash_avx512bf16_kernel() {
+  static const FlashKernel k("flash_avx512bf16", Isa::avx512bf16);
+  return k;
+}
+
+}  // namespace uaa::detail

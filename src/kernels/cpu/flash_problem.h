@@ -1,0 +1,78 @@
+// Plain-data view of one attention call for the flash kernels (internal).
+//
+// The per-ISA translation units (flash_*.cpp, compiled with per-file -m flags) see only this header,
+// <cstdint>/<cstddef> and intrinsics: no std templates and no inline functions shared with the rest
+// of the library, so the linker can never pick an AVX-512 copy of a shared inline function for code
+// that runs on a CPU without it. flash_kernels.cpp (baseline flags) builds this from KernelProblem.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace uaa::detail::flash {
+
+// Tile sizes and layout constants, shared by every ISA so that all variants tile alike.
+struct Traits {
+  // Keys per tile. Key tiles start at global key positions that are multiples of kKeyTile: the
+  // reduction order of a row depends on this constant only (the exactness contract). 64 keys are
+  // 4 zmm / 8 ymm of scores; 128 measured no faster (the per-tile softmax is already ~5%).
+  static constexpr std::int64_t kKeyTile = 64;
+  // Query rows per work item (one thread, one head). Any value works for exactness; 48 keeps the
+  // packed Q tile, the scores and the output accumulator (D = 128) inside L1 + L2.
+  static constexpr std::int64_t kQueryTile = 48;
+  // Packed rows are padded to this many floats (one zmm) so every microkernel runs whole vectors.
+  static constexpr std::int64_t kPad = 16;
+  static_assert(kKeyTile % 64 == 0, "score rows must be whole zmm/ymm/xmm groups");
+  static_assert(kKeyTile % 2 == 0, "bf16 P·V packs key pairs");
+  static_assert(kQueryTile >= 6, "microkernels block 6 rows");
+};
+
+struct Segment {
+  const void* data;          // element [t][h][d] at data + t*token_stride + h*head_stride + d
+  std::int64_t begin;        // global index of its first token
+  std::int64_t tokens;
+  std::int64_t token_stride;  // elements
+  std::int64_t head_stride;   // elements
+};
+
+struct OutSegment {
+  void* data;
+  std::int64_t token_stride, head_stride;
+  float* lse;  // may be null
+  std::int64_t lse_token_stride;
+};
+
+// Byte offsets into the scratch buffer (all 64-byte aligned).
+struct ScratchLayout {
+  std::size_t k_packed = 0, v_packed = 0;  // one kv head: all key tiles
+  std::size_t k_tile_bytes = 0, v_tile_bytes = 0;
+  std::size_t per_thread = 0;              // start of thread 0's block
+  std::size_t thread_stride = 0;           // bytes per thread block
+  std::size_t q_tile = 0, scores = 0, p_bf16 = 0, acc = 0, row_max = 0, row_sum = 0, alpha = 0;
+  std::size_t total = 0;
+};
+
+struct Problem {
+  bool bf16 = false;  // element type of q, k, v and out (else fp32)
+  std::int64_t head_dim = 0, padded_dim = 0;  // padded_dim: head_dim rounded up to Traits::kPad
+  std::int64_t q_heads = 0, q_head_begin = 0, kv_head_begin = 0, group = 1;
+  const Segment* q = nullptr;
+  const Segment* k = nullptr;
+  const Segment* v = nullptr;
+  const OutSegment* out = nullptr;
+  std::int64_t q_segments = 0, kv_segments = 0;
+  std::int64_t q_total = 0, kv_total = 0;
+  float scale = 1.0f;
+  bool causal = false;
+  int threads = 1;
+  char* scratch = nullptr;
+  ScratchLayout layout;
+};
+
+// Entry points, one per ISA translation unit.
+void run_portable(const Problem& p);
+void run_avx2(const Problem& p);
+void run_avx512(const Problem& p);
+void run_avx512bf16(const Problem& p);  // bf16 via vdpbf16ps; needs bf16-pair packing (see layout)
+
+}  // namespace uaa::detail::flash

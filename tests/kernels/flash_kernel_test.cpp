@@ -1,0 +1,480 @@
+// Flash kernels vs the float64 reference, and the exactness properties forward() relies on.
+//
+// Every variant this CPU runs (flash_kernels_supported) × {fp32, bf16} is checked case by case; a
+// failure prints the variant, dtype and shape.
+//
+// Tolerance (as flash-attention's tests do): the fast kernel's max error against float64 may be at
+// most twice the max error of a plain same-precision implementation of the same inputs, plus one
+// ulp of the output scale (the rounding of the final value alone, so that cases where the plain
+// implementation happens to be exact, e.g. one key, do not demand exactness).
+//  - plain fp32: fp32 dot products, fp32 softmax with the exact row max, fp32 P·V, one division;
+//  - plain bf16: what an unfused bf16 framework path does: fp32-accumulated scores rounded to bf16,
+//    fp32 softmax, P rounded to bf16, fp32-accumulated P·V, output rounded to bf16.
+// UAA_TEST_VERBOSE=1 prints every case's errors and tolerances.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/test_data.h"
+#include "common/test_rng.h"
+#include "kernels/kernel.h"
+#include "uaa/threads.h"
+
+namespace uaa::detail {
+namespace {
+
+using test::element;
+
+std::uint16_t to_bf16(float f) {  // round to nearest even
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+float from_bf16(std::uint16_t b) {
+  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+
+struct Shape {
+  std::int64_t Sq, Skv, Hq, Hkv, D;
+  bool causal;
+  float sharpness = 1.0f;  // scale = sharpness / sqrt(D): > 1 makes the softmax peaky
+  std::string str() const {
+    return "Sq=" + std::to_string(Sq) + " Skv=" + std::to_string(Skv) + " Hq=" + std::to_string(Hq) +
+           " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + (causal ? " causal" : "") +
+           " sharp=" + std::to_string(sharpness);
+  }
+  float scale() const { return sharpness / std::sqrt(static_cast<float>(D)); }
+};
+
+// One tensor in both forms: fp32 values (bf16-representable when dtype is bf16) and raw storage.
+struct Tensor3 {
+  std::int64_t S, H, D;
+  std::vector<float> f;          // token-major contiguous values
+  std::vector<std::uint16_t> b;  // the same values as bf16 bits (bf16 only)
+};
+
+Tensor3 make(std::uint64_t seed, int id, std::int64_t S, std::int64_t H, std::int64_t D, DType dt) {
+  Tensor3 t{S, H, D, test::make_tensor(seed, id, 0, S, H, D), {}};
+  if (dt == DType::bf16) {
+    t.b.resize(t.f.size());
+    for (std::size_t i = 0; i < t.f.size(); ++i) {
+      t.b[i] = to_bf16(t.f[i]);
+      t.f[i] = from_bf16(t.b[i]);
+    }
+  }
+  return t;
+}
+
+struct Inputs {
+  Shape s;
+  DType dt;
+  Tensor3 q, k, v;
+};
+
+Inputs make_inputs(const Shape& s, DType dt, std::uint64_t seed = 7) {
+  return {s, dt, make(seed, 0, s.Sq, s.Hq, s.D, dt), make(seed, 1, s.Skv, s.Hkv, s.D, dt),
+          make(seed, 2, s.Skv, s.Hkv, s.D, dt)};
+}
+
+struct Result {
+  std::vector<float> out;  // [Sq][Hq][D] as float
+  std::vector<float> lse;  // [Sq][Hq]
+  std::vector<std::byte> raw;  // out bytes, for bitwise comparison
+};
+
+// How a run presents the data to the kernel.
+struct RunOptions {
+  std::vector<std::int64_t> q_cuts, kv_cuts;  // segment lengths (empty: one segment)
+  int threads = 1;
+  std::int64_t head_begin = 0, head_count = -1;  // q heads computed (-1: all)
+  bool head_major_padded = false;  // [H][S][D + 3] storage instead of [S][H][D]
+};
+
+// Copies a token-major tensor into the requested storage; returns strides in elements.
+struct Stored {
+  std::vector<float> f;
+  std::vector<std::uint16_t> b;
+  std::int64_t ts, hs;
+  const void* base(DType dt) const { return dt == DType::bf16 ? static_cast<const void*>(b.data()) : f.data(); }
+};
+
+Stored store(const Tensor3& t, DType dt, bool head_major) {
+  Stored s;
+  const std::int64_t pad = head_major ? 3 : 0;
+  s.ts = head_major ? t.D + pad : t.H * t.D;
+  s.hs = head_major ? t.S * (t.D + pad) : t.D;
+  const std::size_t n = static_cast<std::size_t>(std::max<std::int64_t>(1, t.S * t.H * (t.D + pad)));
+  s.f.assign(n, std::nanf(""));  // padding is NaN: reading it would show
+  s.b.assign(n, 0x7fc1);
+  for (std::int64_t i = 0; i < t.S; ++i)
+    for (std::int64_t h = 0; h < t.H; ++h)
+      for (std::int64_t d = 0; d < t.D; ++d) {
+        const std::size_t src = static_cast<std::size_t>((i * t.H + h) * t.D + d);
+        const std::size_t dst = static_cast<std::size_t>(i * s.ts + h * s.hs + d);
+        if (dt == DType::bf16)
+          s.b[dst] = t.b[src];
+        else
+          s.f[dst] = t.f[src];
+      }
+  return s;
+}
+
+std::vector<std::int64_t> cuts_or_whole(const std::vector<std::int64_t>& cuts, std::int64_t total) {
+  return cuts.empty() ? std::vector<std::int64_t>{total} : cuts;
+}
+
+Result run(const AttentionKernel& kernel, const Inputs& in, const RunOptions& o) {
+  const Shape& s = in.s;
+  const DType dt = in.dt;
+  const std::size_t es = dt == DType::bf16 ? 2 : 4;
+  const std::int64_t group = s.Hq / s.Hkv;
+  const std::int64_t h0 = o.head_begin, nh = o.head_count < 0 ? s.Hq : o.head_count;
+  const std::int64_t kv0 = h0 / group;
+  const Stored q = store(in.q, dt, o.head_major_padded), k = store(in.k, dt, o.head_major_padded),
+               v = store(in.v, dt, o.head_major_padded);
+  std::vector<std::byte> out(static_cast<std::size_t>(std::max<std::int64_t>(1, s.Sq * s.Hq * s.D)) * es,
+                             std::byte{0x5a});
+  std::vector<float> lse(static_cast<std::size_t>(std::max<std::int64_t>(1, s.Sq * s.Hq)), 12345.0f);
+  std::vector<TokenSegment> qs, ks, vs;
+  std::vector<OutSegment> os;
+  const auto* qb = static_cast<const std::byte*>(q.base(dt));
+  const auto* kb = static_cast<const std::byte*>(k.base(dt));
+  const auto* vb = static_cast<const std::byte*>(v.base(dt));
+  std::int64_t at = 0;
+  for (std::int64_t n : cuts_or_whole(o.q_cuts, s.Sq)) {
+    qs.push_back({qb + (at * q.ts + h0 * q.hs) * es, n, q.ts, q.hs});
+    os.push_back({out.data() + ((at * s.Hq + h0) * s.D) * es, s.Hq * s.D, s.D,
+                  lse.data() + at * s.Hq + h0, s.Hq});
+    at += n;
+  }
+  at = 0;
+  for (std::int64_t n : cuts_or_whole(o.kv_cuts, s.Skv)) {
+    ks.push_back({kb + (at * k.ts + kv0 * k.hs) * es, n, k.ts, k.hs});
+    vs.push_back({vb + (at * v.ts + kv0 * v.hs) * es, n, v.ts, v.hs});
+    at += n;
+  }
+  KernelProblem p;
+  p.dtype = dt;
+  p.head_dim = s.D;
+  p.q_heads = nh;
+  p.q_head_begin = h0;
+  p.kv_head_begin = kv0;
+  p.group = group;
+  p.q = qs;
+  p.k = ks;
+  p.v = vs;
+  p.out = os;
+  p.q_total = s.Sq;
+  p.kv_total = s.Skv;
+  p.scale = s.scale();
+  p.causal = s.causal;
+  set_num_threads(o.threads);
+  const std::size_t bytes = (kernel.scratch_bytes(p) + 63) / 64 * 64 + 64;
+  std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
+  std::memset(scratch.get(), 0xcd, bytes);  // garbage, as a reused workspace would hold
+  p.scratch = scratch.get();
+  kernel.run(p);
+  set_num_threads(0);
+  Result r;
+  r.raw = out;
+  r.lse = lse;
+  r.out.resize(static_cast<std::size_t>(s.Sq * s.Hq * s.D));
+  for (std::size_t i = 0; i < r.out.size(); ++i) {
+    if (dt == DType::bf16) {
+      std::uint16_t b;
+      std::memcpy(&b, out.data() + 2 * i, 2);
+      r.out[i] = from_bf16(b);
+    } else {
+      std::memcpy(&r.out[i], out.data() + 4 * i, 4);
+    }
+  }
+  return r;
+}
+
+// Plain same-precision attention (see the file comment), token-major, all heads.
+void plain(const Inputs& in, std::vector<float>& out, std::vector<float>& lse) {
+  const Shape& s = in.s;
+  const bool bf = in.dt == DType::bf16;
+  const std::int64_t D = s.D, group = s.Hq / s.Hkv;
+  out.assign(static_cast<std::size_t>(s.Sq * s.Hq * D), 0.0f);
+  lse.assign(static_cast<std::size_t>(s.Sq * s.Hq), 0.0f);
+  std::vector<float> sc(static_cast<std::size_t>(s.Skv)), acc(static_cast<std::size_t>(D));
+  for (std::int64_t h = 0; h < s.Hq; ++h)
+    for (std::int64_t i = 0; i < s.Sq; ++i) {
+      const std::int64_t last = last_visible_key(i, s.Sq, s.Skv, s.causal);
+      float* o = &out[static_cast<std::size_t>((i * s.Hq + h) * D)];
+      if (last < 0) {
+        lse[static_cast<std::size_t>(i * s.Hq + h)] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float* q = &in.q.f[static_cast<std::size_t>((i * s.Hq + h) * D)];
+      float m = -std::numeric_limits<float>::infinity();
+      for (std::int64_t j = 0; j <= last; ++j) {
+        const float* k = &in.k.f[static_cast<std::size_t>((j * s.Hkv + h / group) * D)];
+        float d = 0;
+        for (std::int64_t e = 0; e < D; ++e) d += q[e] * k[e];
+        d *= s.scale();
+        sc[j] = bf ? round_bf16(d) : d;
+        m = std::max(m, sc[j]);
+      }
+      float l = 0;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (std::int64_t j = 0; j <= last; ++j) {
+        const float e = std::exp(sc[j] - m);
+        l += e;
+        const float p = bf ? round_bf16(e) : e;
+        const float* v = &in.v.f[static_cast<std::size_t>((j * s.Hkv + h / group) * D)];
+        for (std::int64_t e2 = 0; e2 < D; ++e2) acc[e2] += p * v[e2];
+      }
+      for (std::int64_t e = 0; e < D; ++e) o[e] = bf ? round_bf16(acc[e] / l) : acc[e] / l;
+      lse[static_cast<std::size_t>(i * s.Hq + h)] = m + std::log(l);
+    }
+}
+
+struct Reference {
+  std::vector<double> out, lse;
+  std::vector<float> plain_out, plain_lse;
+};
+
+Reference reference(const Inputs& in) {
+  const Shape& s = in.s;
+  Reference r;
+  r.out.resize(static_cast<std::size_t>(std::max<std::int64_t>(1, s.Sq * s.Hq * s.D)));
+  r.lse.resize(static_cast<std::size_t>(std::max<std::int64_t>(1, s.Sq * s.Hq)));
+  reference_attention(in.q.f.data(), in.k.f.data(), in.v.f.data(), s.Sq, s.Skv, s.Hq, s.Hkv, s.D,
+                      s.scale(), s.causal, r.out.data(), r.lse.data());
+  plain(in, r.plain_out, r.plain_lse);
+  return r;
+}
+
+// Max |x - ref| over finite reference values; rows without keys must match exactly (0, -inf).
+template <class T>
+double max_err(const std::vector<T>& x, const std::vector<double>& ref, std::size_t n, bool* special_ok) {
+  double e = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (std::isinf(ref[i])) {
+      if (!(std::isinf(x[i]) && x[i] < 0)) *special_ok = false;
+      continue;
+    }
+    e = std::max(e, std::abs(static_cast<double>(x[i]) - ref[i]));
+  }
+  return e;
+}
+
+double max_abs(const std::vector<double>& v, std::size_t n) {
+  double m = 0;
+  for (std::size_t i = 0; i < n; ++i)
+    if (std::isfinite(v[i])) m = std::max(m, std::abs(v[i]));
+  return m;
+}
+
+void expect_close(const AttentionKernel& k, const Inputs& in, const Reference& ref, const Result& r) {
+  const Shape& s = in.s;
+  const std::size_t n_out = static_cast<std::size_t>(s.Sq * s.Hq * s.D), n_lse = static_cast<std::size_t>(s.Sq * s.Hq);
+  const double ulp = in.dt == DType::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -23);
+  bool ok = true;
+  const double e_out = max_err(r.out, ref.out, n_out, &ok);
+  const double e_plain = max_err(ref.plain_out, ref.out, n_out, &ok);
+  const double tol_out = 2 * e_plain + ulp * max_abs(ref.out, n_out);
+  const double e_lse = max_err(r.lse, ref.lse, n_lse, &ok);
+  const double e_plain_lse = max_err(ref.plain_lse, ref.lse, n_lse, &ok);
+  const double tol_lse = 2 * e_plain_lse + ulp * std::max(1.0, max_abs(ref.lse, n_lse));
+  const std::string what = std::string(k.name()) + " " + dtype_name(in.dt) + " " + s.str();
+  EXPECT_TRUE(ok) << what << ": rows without keys must give lse -inf";
+  if (std::getenv("UAA_TEST_VERBOSE"))
+    std::printf("%s out %.3g tol %.3g lse %.3g tol %.3g\n", what.c_str(), e_out, tol_out, e_lse,
+                tol_lse);
+  EXPECT_LE(e_out, tol_out) << what << " (plain " << e_plain << ")";
+  EXPECT_LE(e_lse, tol_lse) << what << " (plain " << e_plain_lse << ")";
+  // Rows without a visible key are exactly zero.
+  for (std::int64_t i = 0; i < s.Sq; ++i)
+    if (last_visible_key(i, s.Sq, s.Skv, s.causal) < 0)
+      for (std::int64_t j = 0; j < s.Hq * s.D; ++j)
+        if (r.out[static_cast<std::size_t>(i * s.Hq * s.D + j)] != 0.0f) {
+          ADD_FAILURE() << what << ": row " << i << " has no key but a nonzero output";
+          return;
+        }
+}
+
+std::vector<const AttentionKernel*> variants() {
+  auto s = flash_kernels_supported();
+  return {s.begin(), s.end()};
+}
+
+const DType kDtypes[] = {DType::f32, DType::bf16};
+
+void check_against_reference(const std::vector<Shape>& shapes) {
+  for (const Shape& s : shapes)
+    for (DType dt : kDtypes) {
+      const Inputs in = make_inputs(s, dt);
+      const Reference ref = reference(in);
+      for (const AttentionKernel* k : variants()) {
+        const int threads = (s.Sq * s.Skv > 100000) ? 2 : 1;
+        expect_close(*k, in, ref, run(*k, in, {{}, {}, threads, 0, -1, false}));
+      }
+    }
+}
+
+bool bitwise_equal(const Result& a, const Result& b) {
+  return a.raw == b.raw && std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * 4) == 0;
+}
+
+TEST(FlashKernel, VariantsIncludePortable) {
+  const auto v = variants();
+  ASSERT_FALSE(v.empty());
+  EXPECT_STREQ(v.back()->name(), "flash_portable");
+  for (const AttentionKernel* k : v) {
+    EXPECT_TRUE(k->supports(DType::f32));
+    EXPECT_TRUE(k->supports(DType::bf16));
+  }
+}
+
+// The process-wide choice follows UAA_ISA (CTest runs this once per ISA value, see CMakeLists.txt).
+TEST(FlashKernel, SelectedKernelHonoursIsaCap) {
+  const char* cap = std::getenv("UAA_ISA");
+  if (!cap || !*cap || std::getenv("UAA_KERNEL")) GTEST_SKIP() << "UAA_ISA not set";
+  const std::string want = std::string("flash_") + cap;
+  bool cpu_has = false;
+  for (const AttentionKernel* k : variants()) cpu_has |= want == k->name();
+  if (cpu_has)
+    EXPECT_EQ(want, select_kernel().name());
+  else  // capped at an ISA this CPU lacks: the best one below the cap
+    EXPECT_NE(std::string(select_kernel().name()).find("flash_"), std::string::npos);
+}
+
+TEST(FlashKernel, AwkwardLengthsSelfAttention) {
+  std::vector<Shape> shapes;
+  for (std::int64_t S : {1, 7, 63, 65, 127, 129, 1000})
+    for (bool causal : {false, true}) shapes.push_back({S, S, 2, 2, 64, causal, 4.0f});
+  check_against_reference(shapes);
+}
+
+TEST(FlashKernel, LongSequence4097) {
+  check_against_reference({{4097, 4097, 1, 1, 16, false, 4.0f}, {4097, 4097, 1, 1, 16, true, 4.0f}});
+}
+
+TEST(FlashKernel, CrossLengths) {
+  std::vector<Shape> shapes;
+  for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{65, 1000}, {1000, 65}, {7, 129},
+                         {129, 7}, {1, 4097}, {300, 1}})
+    for (bool causal : {false, true}) shapes.push_back({sq, skv, 2, 1, 32, causal, 4.0f});
+  check_against_reference(shapes);
+}
+
+TEST(FlashKernel, HeadDims) {
+  std::vector<Shape> shapes;
+  for (std::int64_t D : {1, 2, 3, 15, 17, 33, 64, 80, 96, 100, 127, 128, 160, 192, 255, 256})
+    shapes.push_back({129, 97, 1, 1, D, (D % 2) == 1, 2.0f});
+  check_against_reference(shapes);
+}
+
+TEST(FlashKernel, GqaAndMqa) {
+  check_against_reference({{100, 130, 6, 2, 64, false, 1.0f},
+                           {100, 130, 6, 2, 64, true, 1.0f},
+                           {70, 70, 4, 1, 128, true, 8.0f}});
+}
+
+TEST(FlashKernel, GentleAndSharpSoftmax) {
+  check_against_reference({{200, 200, 1, 1, 64, false, 0.25f}, {200, 200, 1, 1, 64, true, 30.0f}});
+}
+
+// Random segmentations (with empty segments) of q and kv give bitwise the unsegmented result.
+TEST(FlashKernel, SegmentsBitwiseEqualToOneSegment) {
+  test::Rng rng(11);
+  for (const AttentionKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (bool causal : {false, true}) {
+        const Shape s{333, 301, 2, 1, 64, causal, 4.0f};
+        const Inputs in = make_inputs(s, dt);
+        const Result whole = run(*k, in, {});
+        for (int trial = 0; trial < 3; ++trial) {
+          RunOptions o;
+          for (std::int64_t left = s.Sq; left > 0;) {
+            const std::int64_t n = std::min(left, rng.uniform(0, 150));
+            o.q_cuts.push_back(n);
+            left -= n;
+          }
+          for (std::int64_t left = s.Skv; left > 0;) {
+            const std::int64_t n = std::min(left, rng.uniform(0, 120));
+            o.kv_cuts.push_back(n);
+            left -= n;
+          }
+          o.kv_cuts.push_back(0);
+          EXPECT_TRUE(bitwise_equal(whole, run(*k, in, o)))
+              << k->name() << " " << dtype_name(dt) << " " << s.str() << " trial " << trial;
+        }
+      }
+}
+
+TEST(FlashKernel, ThreadCountsBitwiseEqual) {
+  for (const AttentionKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (bool causal : {false, true}) {
+        const Shape s{400, 350, 3, 3, 64, causal, 4.0f};
+        const Inputs in = make_inputs(s, dt);
+        const Result one = run(*k, in, {{}, {}, 1, 0, -1, false});
+        for (int t : {2, 3})
+          EXPECT_TRUE(bitwise_equal(one, run(*k, in, {{}, {}, t, 0, -1, false})))
+              << k->name() << " " << dtype_name(dt) << " threads " << t << " " << s.str();
+      }
+}
+
+// Computing a subset of heads (a rank's share under Ulysses) gives the same bits for those heads.
+TEST(FlashKernel, HeadSplitBitwiseEqual) {
+  for (const AttentionKernel* k : variants())
+    for (DType dt : kDtypes) {
+      const Shape s{150, 150, 6, 2, 64, true, 4.0f};
+      const Inputs in = make_inputs(s, dt);
+      const Result all = run(*k, in, {});
+      const std::size_t es = dt == DType::bf16 ? 2 : 4;
+      for (auto [h0, nh] : {std::pair<std::int64_t, std::int64_t>{0, 1}, {1, 3}, {4, 2}, {5, 1}}) {
+        const Result part = run(*k, in, {{}, {}, 1, h0, nh, false});
+        for (std::int64_t i = 0; i < s.Sq; ++i) {
+          const std::size_t off = static_cast<std::size_t>((i * s.Hq + h0) * s.D) * es;
+          ASSERT_EQ(0, std::memcmp(all.raw.data() + off, part.raw.data() + off, nh * s.D * es))
+              << k->name() << " " << dtype_name(dt) << " heads [" << h0 << ", " << h0 + nh << ") row " << i;
+          ASSERT_EQ(0, std::memcmp(&all.lse[i * s.Hq + h0], &part.lse[i * s.Hq + h0], nh * 4));
+        }
+      }
+    }
+}
+
+// Head-major storage with padded rows (NaN padding) reads and writes the same values.
+TEST(FlashKernel, StridedSegmentsBitwiseEqual) {
+  for (const AttentionKernel* k : variants())
+    for (DType dt : kDtypes) {
+      const Shape s{130, 140, 2, 2, 40, true, 4.0f};
+      const Inputs in = make_inputs(s, dt);
+      RunOptions o;
+      o.head_major_padded = true;
+      o.q_cuts = {50, 0, 80};
+      o.kv_cuts = {1, 139};
+      EXPECT_TRUE(bitwise_equal(run(*k, in, {}), run(*k, in, o))) << k->name() << " " << dtype_name(dt);
+    }
+}
+
+TEST(FlashKernel, EmptyKeys) {
+  for (const AttentionKernel* k : variants()) {
+    const Shape s{5, 0, 1, 1, 8, false, 1.0f};
+    const Inputs in = make_inputs(s, DType::f32);
+    const Result r = run(*k, in, {});
+    for (float x : r.out) EXPECT_EQ(x, 0.0f);
+    for (float x : r.lse) EXPECT_TRUE(std::isinf(x) && x < 0);
+  }
+}
+
+}  // namespace
+}  // namespace uaa::detail

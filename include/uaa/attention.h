@@ -15,7 +15,12 @@
 //
 // Errors: any invalid argument on any rank (wrong token count, heads, strides, dtype, overlapping
 // output, another communicator) makes forward() throw uaa::Error on *every* rank, naming the rank and
-// the values; the caller's out/lse are then untouched on every rank.
+// the values; the caller's out/lse are then untouched on every rank. Ranks that call with different
+// plans, or out of step (one skipped a call), get ErrorCode::mismatch on every rank. Each call opens
+// with a handshake (an all-gather of one 256-byte header per rank) that makes this possible.
+//
+// Output rows must be nested: with the two strides sorted, the smaller one is at least head_dim and
+// the larger one at least the extent of the smaller axis (true of every dense or padded layout).
 #pragma once
 
 #include <cstdint>
@@ -37,8 +42,10 @@ struct AttentionArgs {
   std::int64_t lse_token_stride = 0;  // elements between tokens in lse; 0 means Hq
 };
 
-// Per-phase wall times of one call, in milliseconds, as seen by this rank.
+// Per-phase wall times of one call, in milliseconds, as seen by this rank. An exchange phase also
+// holds the time spent waiting for slower peers to arrive.
 struct PhaseTimes {
+  double handshake = 0;  // all-gather of the 256-byte call headers (validation, plan, call index)
   double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, total = 0;
 };
 

@@ -28,15 +28,18 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
   // Uneven all-to-all. Peer j gets send[send_displs[j] .. + send_counts[j]) and this rank receives
   // peer j's block into recv[recv_displs[j] .. + recv_counts[j]). All values are bytes, size() each.
+  // `max_total_bytes` is the largest send or receive buffer of any rank in this exchange, identical
+  // on every rank (plans know it): it lets a transport choose one strategy that all ranks agree on.
   virtual void alltoallv(const void* send, std::span<const std::int64_t> send_counts,
                          std::span<const std::int64_t> send_displs, void* recv,
                          std::span<const std::int64_t> recv_counts,
-                         std::span<const std::int64_t> recv_displs) = 0;
+                         std::span<const std::int64_t> recv_displs,
+                         std::int64_t max_total_bytes) = 0;
 
   // Process-unique identity of this communicator object (plans remember which one built them).
   std::uint64_t id() const { return id_; }
 
-  // Number of forward() calls issued on this communicator so far; travels with each call so that
+  // Number of forward() calls issued on this communicator so far; checked at each call so that
   // ranks that lost step with each other fail instead of mixing data.
   std::uint64_t next_call_index() { return call_index_++; }
 

@@ -21,7 +21,7 @@ namespace uaa {
 enum class ErrorCode {
   invalid_argument,  // a value the caller passed is out of range or inconsistent with the plan
   mismatch,          // ranks disagree (shape, options, plan, call sequence)
-  unsupported,       // valid request this build/kernel cannot serve (e.g. head_dim > 256)
+  unsupported,       // valid request this build or kernel cannot serve (e.g. a dtype it lacks)
   comm_failure,      // the transport reported an error
   timeout,           // a peer did not arrive in time
   internal,          // a bug in uaa: please report

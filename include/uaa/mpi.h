@@ -18,8 +18,10 @@
 namespace uaa {
 
 struct MpiOptions {
-  // Largest element count handed to one MPI call. MPI takes `int` counts; larger exchanges are
-  // split into point-to-point messages of at most this many units. Lower it only to test that path.
+  // MPI takes `int` counts. An exchange in which some rank's send or receive buffer exceeds
+  // max_count bytes is done with point-to-point messages of at most max_count elements each (an
+  // element is up to 4 KiB) addressed with 64-bit offsets; smaller ones use one MPI_Alltoallv.
+  // Lower it only to test the large-message path at small sizes.
   std::int64_t max_count = 2147483647;
 };
 

@@ -76,7 +76,8 @@ class Plan {
   std::int64_t kv_head_begin(int rank) const;  // kv heads received by `rank`
   std::int64_t kv_head_end(int rank) const;
 
-  // Bytes this rank sends in the q/k/v exchange and in the output exchange (payload, other ranks).
+  // Bytes this rank sends to other ranks in both exchanges, including the 256-byte call header
+  // per peer and alignment padding between parts.
   std::int64_t bytes_sent() const;
   // A 64-bit digest of everything the ranks must agree on (lengths, shape, options).
   std::uint64_t fingerprint() const;

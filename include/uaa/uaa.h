@@ -7,4 +7,5 @@
 #include "uaa/communicator.h"
 #include "uaa/error.h"
 #include "uaa/plan.h"
+#include "uaa/threads.h"
 #include "uaa/types.h"

@@ -1,9 +1,10 @@
 // The Ulysses step: validate → pack → exchange q/k/v → attention → exchange out → unpack.
 //
-// Errors on one rank must not leave its peers waiting: a rank whose input is bad still takes part in
-// the q/k/v exchange and puts its verdict in the call header that opens every block it sends. After
-// the exchange every rank has every rank's verdict, plan fingerprint and call index, and all raise
-// the same error before anything is written to the caller's buffers.
+// Errors on one rank must not leave its peers waiting, and mismatched calls must not mix data: every
+// call starts with a handshake, an all-gather of one fixed-size call header per rank (verdict on its
+// arguments, plan fingerprint, call index). Every rank then holds every header and raises the same
+// error before any payload moves or anything is written to the caller's buffers. Being fixed-size,
+// the handshake cannot be derailed by ranks that disagree on the payload sizes.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -22,7 +23,7 @@ namespace {
 using detail::cat;
 using detail::Layout;
 
-struct CallHeader {
+struct CallHeader {  // 256 bytes per rank per call
   std::uint64_t magic;
   std::uint64_t fingerprint;  // of the plan the sender called with
   std::uint64_t call_index;   // forward() calls the sender made on this communicator before
@@ -30,7 +31,7 @@ struct CallHeader {
   std::int32_t status;        // 0 ok, else 1 + ErrorCode
   char message[224];          // the sender's error message, if any
 };
-static_assert(sizeof(CallHeader) == detail::kCallHeaderBytes);
+static_assert(sizeof(CallHeader) == 256);
 constexpr std::uint64_t kCallMagic = 0x316c6c6163616175ull;  // "uaacall1"
 
 using Clock = std::chrono::steady_clock;
@@ -73,6 +74,7 @@ std::string view_problem(const char* name, const ConstTensor& t, std::int64_t to
 // True if the rows of a [tokens][heads][dim] view with these strides are pairwise disjoint.
 bool rows_disjoint(std::int64_t tokens, std::int64_t heads, std::int64_t dim, std::int64_t ts,
                    std::int64_t hs) {
+  if (tokens == 0 || heads == 0) return true;  // no rows, nothing to overlap
   struct Axis {
     std::int64_t stride, count;
   };
@@ -170,34 +172,27 @@ void scatter_heads(const std::byte* src, const Tensor& dst, std::int64_t h0, std
   }
 }
 
-// Reads every peer's header; returns the error all ranks agree on, or nothing.
-void check_headers(const Layout& L, const std::byte* recv, const CallHeader& mine) {
-  std::vector<CallHeader> all(L.ranks);
-  for (int j = 0; j < L.ranks; ++j) {
-    if (j == L.rank)
-      all[j] = mine;
-    else
-      std::memcpy(&all[j], recv + L.qkv_recv.displs[j], sizeof(CallHeader));
-  }
-  // Every rank inspects the same headers in the same order, so every rank raises the same error.
-  for (int j = 0; j < L.ranks; ++j)
+// Throws the error all ranks agree on, if any. Every rank inspects the same headers in the same
+// order, so every rank raises the same error with the same message.
+void check_headers(int ranks, const CallHeader* all) {
+  for (int j = 0; j < ranks; ++j)
     if (all[j].magic != kCallMagic || all[j].rank != j)
       throw Error(ErrorCode::mismatch,
-                  cat("uaa::forward: rank ", L.rank, " received a malformed call header from rank ",
-                      j, " (ranks called with different plans or out of step)"));
-  for (int j = 1; j < L.ranks; ++j)
+                  cat("uaa::forward: malformed call header from rank ", j,
+                      " (a rank called another collective on this communicator)"));
+  for (int j = 1; j < ranks; ++j)
     if (all[j].fingerprint != all[0].fingerprint)
       throw Error(ErrorCode::mismatch,
                   cat("uaa::forward: ranks called with different plans: rank ", j,
                       " plan fingerprint ", std::hex, all[j].fingerprint, " but rank 0 ",
                       all[0].fingerprint));
-  for (int j = 1; j < L.ranks; ++j)
+  for (int j = 1; j < ranks; ++j)
     if (all[j].call_index != all[0].call_index)
       throw Error(ErrorCode::mismatch,
                   cat("uaa::forward: ranks are out of step: rank ", j, " is at call ",
                       all[j].call_index, " but rank 0 at call ", all[0].call_index));
   int failed = 0, first = -1;
-  for (int j = 0; j < L.ranks; ++j)
+  for (int j = 0; j < ranks; ++j)
     if (all[j].status != 0 && failed++ == 0) first = j;
   if (first >= 0) {
     std::string msg(all[first].message, strnlen(all[first].message, sizeof all[first].message));
@@ -215,8 +210,8 @@ Workspace& Workspace::operator=(Workspace&&) noexcept = default;
 std::int64_t Workspace::grow_count() const { return buffers_->grows; }
 std::int64_t Workspace::bytes_reserved() const {
   const Buffers& b = *buffers_;
-  return b.qkv_send.size() + b.qkv_recv.size() + b.out_send.size() + b.out_recv.size() +
-         b.scratch.size();
+  return b.headers.size() + b.qkv_send.size() + b.qkv_recv.size() + b.out_send.size() +
+         b.out_recv.size() + b.scratch.size();
 }
 
 void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& args,
@@ -249,6 +244,13 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   }
 
   Workspace::Buffers& B = ws.buffers();
+  B.reserve(B.headers, static_cast<std::int64_t>(L.ranks * sizeof(CallHeader)));
+  auto* headers = reinterpret_cast<CallHeader*>(B.headers.data());
+  const auto t_handshake = Clock::now();
+  xc.allgather(&header, sizeof header, headers);
+  check_headers(L.ranks, headers);
+  const double handshake_ms = ms_since(t_handshake);
+
   const detail::AttentionKernel& kernel = detail::select_kernel();
   B.reserve(B.qkv_send, L.qkv_send.total);
   B.reserve(B.qkv_recv, L.qkv_recv.total);
@@ -262,8 +264,6 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   for (int j = 0; j < L.ranks; ++j) {
     if (j == me) continue;
     std::byte* block = send + L.qkv_send.displs[j];
-    std::memcpy(block, &header, sizeof header);
-    if (!problem.empty()) continue;  // the header carries the verdict; the payload is not read
     const detail::QkvBlock& b = L.qkv_send_block[j];
     gather_heads(args.q, L.q_heads[j].begin, L.q_heads[j].size(), es, block + b.q);
     gather_heads(args.k, L.kv_heads[j].begin, L.kv_heads[j].size(), es, block + b.k);
@@ -274,16 +274,22 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   const auto t_x1 = Clock::now();
   std::byte* recv = B.qkv_recv.data();
   xc.alltoallv(send, L.qkv_send.counts, L.qkv_send.displs, recv, L.qkv_recv.counts,
-               L.qkv_recv.displs);
+               L.qkv_recv.displs, L.qkv_max_total);
   const double x1_ms = ms_since(t_x1);
-  check_headers(L, recv, header);
 
   // Attention over all tokens of my heads; my own tokens are read from and written to the caller.
   const auto t_attn = Clock::now();
   const detail::HeadRange qh = L.q_heads[me], kvh = L.kv_heads[me];
   if (qh.size() > 0 && plan.q_lens.size() > 0) {
-    std::vector<detail::TokenSegment> qseg(L.ranks), kseg(L.ranks), vseg(L.ranks);
-    std::vector<detail::OutSegment> oseg(L.ranks);
+    // Segment lists live in the workspace: no allocation after the first call.
+    B.qseg.resize(L.ranks);
+    B.kseg.resize(L.ranks);
+    B.vseg.resize(L.ranks);
+    B.oseg.resize(L.ranks);
+    auto& qseg = B.qseg;
+    auto& kseg = B.kseg;
+    auto& vseg = B.vseg;
+    auto& oseg = B.oseg;
     const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
     for (int j = 0; j < L.ranks; ++j) {
       if (j == me) {
@@ -335,7 +341,7 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
 
   const auto t_x2 = Clock::now();
   xc.alltoallv(B.out_send.data(), L.out_send.counts, L.out_send.displs, B.out_recv.data(),
-               L.out_recv.counts, L.out_recv.displs);
+               L.out_recv.counts, L.out_recv.displs, L.out_max_total);
   const double x2_ms = ms_since(t_x2);
 
   // Unpack: peer j computed heads q_heads[j] of my tokens.
@@ -355,6 +361,7 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   const double unpack_ms = ms_since(t_unpack);
 
   if (times) {
+    times->handshake = handshake_ms;
     times->pack = pack_ms;
     times->exchange_qkv = x1_ms;
     times->attention = attn_ms;

@@ -8,6 +8,9 @@
 #include <new>
 #include <memory>
 
+#include <vector>
+
+#include "kernels/kernel.h"
 #include "uaa/attention.h"
 
 namespace uaa {
@@ -38,7 +41,9 @@ class AlignedBuffer {
 };
 
 struct Workspace::Buffers {
-  AlignedBuffer qkv_send, qkv_recv, out_send, out_recv, scratch;
+  AlignedBuffer headers, qkv_send, qkv_recv, out_send, out_recv, scratch;
+  std::vector<detail::TokenSegment> qseg, kseg, vseg;
+  std::vector<detail::OutSegment> oseg;
   std::int64_t grows = 0;
   void reserve(AlignedBuffer& b, std::int64_t bytes) { grows += b.reserve(bytes) ? 1 : 0; }
 };

@@ -1,5 +1,7 @@
 #include "plan/layout.h"
 
+#include <algorithm>
+
 namespace uaa::detail {
 
 HeadRange q_heads_of(std::int64_t q_heads, int ranks, int rank) {
@@ -18,7 +20,7 @@ HeadRange kv_heads_of(std::int64_t q_heads, std::int64_t kv_heads, int ranks, in
 QkvBlock qkv_block(std::int64_t q_tokens, std::int64_t kv_tokens, std::int64_t q_heads,
                    std::int64_t kv_heads, std::int64_t row_bytes) {
   QkvBlock b;
-  b.q = kCallHeaderBytes;
+  b.q = 0;
   b.k = b.q + align_up(q_tokens * q_heads * row_bytes, kBlockAlign);
   const std::int64_t kv_bytes = kv_tokens * kv_heads * row_bytes;
   b.v = b.k + align_up(kv_bytes, kBlockAlign);
@@ -91,7 +93,32 @@ Layout compute_layout(const LayoutInput& in) {
   place(L.qkv_recv, qr);
   place(L.out_send, os);
   place(L.out_recv, orr);
+  for (int j = 0; j < L.ranks; ++j) {
+    const ExchangeTotals t = j == r ? ExchangeTotals{L.qkv_send.total, L.qkv_recv.total,
+                                                     L.out_send.total, L.out_recv.total}
+                                    : exchange_totals(in, j);
+    L.qkv_max_total = std::max({L.qkv_max_total, t.qkv_send, t.qkv_recv});
+    L.out_max_total = std::max({L.out_max_total, t.out_send, t.out_recv});
+  }
   return L;
+}
+
+ExchangeTotals exchange_totals(const LayoutInput& in, int r) {
+  const int P = static_cast<int>(in.q_lens.size());
+  const std::int64_t row = in.head_dim * in.elem_bytes;
+  const HeadRange qr = q_heads_of(in.q_heads, P, r);
+  const HeadRange kr = kv_heads_of(in.q_heads, in.kv_heads, P, r);
+  ExchangeTotals t;
+  for (int j = 0; j < P; ++j) {
+    if (j == r) continue;
+    const HeadRange qj = q_heads_of(in.q_heads, P, j);
+    const HeadRange kj = kv_heads_of(in.q_heads, in.kv_heads, P, j);
+    t.qkv_send += align_up(qkv_block(in.q_lens[r], in.kv_lens[r], qj.size(), kj.size(), row).bytes, kBlockAlign);
+    t.qkv_recv += align_up(qkv_block(in.q_lens[j], in.kv_lens[j], qr.size(), kr.size(), row).bytes, kBlockAlign);
+    t.out_send += align_up(out_block(in.q_lens[j], qr.size(), row, in.with_lse).bytes, kBlockAlign);
+    t.out_recv += align_up(out_block(in.q_lens[r], qj.size(), row, in.with_lse).bytes, kBlockAlign);
+  }
+  return t;
 }
 
 }  // namespace uaa::detail

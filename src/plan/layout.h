@@ -2,7 +2,7 @@
 // exchanges. No MPI, no I/O: unit-tested on its own (tests/unit/layout_test.cpp).
 //
 // The q/k/v exchange block that rank r sends to peer j (j != r) is
-//   [call header | Q: Sq[r] x nq(j) x D | K: Skv[r] x nkv(j) x D | V: same as K]
+//   [Q: Sq[r] x nq(j) x D | K: Skv[r] x nkv(j) x D | V: same as K]
 // with each part starting on a 64-byte boundary inside the block. Received blocks are ordered by
 // source rank, i.e. by global token position. The output block that rank r sends to peer j is
 //   [O: Sq[j] x nq(r) x D | lse: Sq[j] x nq(r) floats (only with return_lse)]
@@ -16,7 +16,6 @@
 namespace uaa::detail {
 
 inline constexpr std::int64_t kBlockAlign = 64;
-inline constexpr std::int64_t kCallHeaderBytes = 256;
 
 inline std::int64_t align_up(std::int64_t n, std::int64_t a) { return (n + a - 1) / a * a; }
 
@@ -63,9 +62,18 @@ struct Layout {
   ExchangeSide qkv_send, qkv_recv, out_send, out_recv;
   std::vector<QkvBlock> qkv_send_block, qkv_recv_block;  // per peer
   std::vector<OutBlock> out_send_block, out_recv_block;  // per peer
+  // Largest send or receive buffer of *any* rank in each exchange: the same number on every rank,
+  // so a transport can pick one strategy for a size class without asking its peers.
+  std::int64_t qkv_max_total = 0, out_max_total = 0;
 };
 
 // Precondition: the input was validated (non-negative lengths, heads dividing, sizes matching).
 Layout compute_layout(const LayoutInput& in);
+
+// Buffer totals of one rank without building its whole layout (O(ranks), no allocation).
+struct ExchangeTotals {
+  std::int64_t qkv_send = 0, qkv_recv = 0, out_send = 0, out_recv = 0;
+};
+ExchangeTotals exchange_totals(const LayoutInput& in, int rank);
 
 }  // namespace uaa::detail

@@ -122,10 +122,19 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   } else if (kv_tokens < 0) {
     problem = cat("kv_tokens ", kv_tokens, " is negative");
   } else if (!(problem = detail::shape_problem(shape)).empty()) {
-  } else if (!detail::kernel_supports(shape.dtype)) {
-    code = ErrorCode::unsupported;
-    problem = cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
-                  detail::select_kernel().name());
+  } else {
+    // Kernel selection can fail locally (a bad UAA_KERNEL on one rank): report it through the
+    // record like any other local problem instead of leaving the peers in the all-gather.
+    try {
+      if (!detail::kernel_supports(shape.dtype)) {
+        code = ErrorCode::unsupported;
+        problem = cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
+                      detail::select_kernel().name());
+      }
+    } catch (const Error& e) {
+      code = e.code();
+      problem = e.what();
+    }
   }
   if (!problem.empty()) {
     mine.error = static_cast<std::uint8_t>(1 + static_cast<int>(code));

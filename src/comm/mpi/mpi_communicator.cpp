@@ -1,9 +1,11 @@
 // MPI transport: a duplicated communicator with MPI_ERRORS_RETURN, 64-bit uneven exchange.
 //
-// The exchange picks the largest byte unit (up to 4 KiB) that divides every count and displacement,
-// so that counts in units fit MPI's `int` for any realistic size and one MPI_Alltoallv does the work.
-// If a count or displacement still exceeds `max_count` units, the exchange falls back to
-// point-to-point messages of at most `max_count` units each, addressed with 64-bit pointer math.
+// Strategy by size class, chosen from `max_total_bytes` (identical on every rank, so every rank picks
+// the same one): when no rank's buffer exceeds max_count bytes, one MPI_Alltoallv whose element is
+// the largest byte unit (up to 4 KiB) dividing this rank's counts and displacements; otherwise
+// point-to-point messages of at most max_count elements, the element of each pair's message being
+// gcd(4096, its byte count) — a number sender and receiver derive alike, so they cut the message
+// at the same places.
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -48,8 +50,9 @@ class MpiCommunicator final : public Communicator {
   const char* transport() const override { return "mpi"; }
 
   void allgather(const void* send, std::size_t bytes, void* recv) override {
-    if (bytes > static_cast<std::size_t>(options_.max_count))
-      throw Error(ErrorCode::invalid_argument, cat("uaa mpi allgather: ", bytes, " bytes per rank"));
+    if (bytes > static_cast<std::size_t>(2147483647))
+      throw Error(ErrorCode::invalid_argument,
+                  cat("uaa mpi: rank ", rank_, ": allgather of ", bytes, " bytes per rank"));
     check(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, recv, static_cast<int>(bytes),
                         MPI_BYTE, comm_),
           "MPI_Allgather");
@@ -58,17 +61,15 @@ class MpiCommunicator final : public Communicator {
   void alltoallv(const void* send, std::span<const std::int64_t> send_counts,
                  std::span<const std::int64_t> send_displs, void* recv,
                  std::span<const std::int64_t> recv_counts,
-                 std::span<const std::int64_t> recv_displs) override {
-    std::int64_t unit = 4096;
-    for (auto* side : {&send_counts, &send_displs, &recv_counts, &recv_displs})
-      for (std::int64_t v : *side) unit = std::gcd(unit, v);
-    std::int64_t largest = 0;
-    for (auto* side : {&send_counts, &send_displs, &recv_counts, &recv_displs})
-      for (std::int64_t v : *side) largest = std::max(largest, v / unit);
-    if (largest <= options_.max_count) {
+                 std::span<const std::int64_t> recv_displs,
+                 std::int64_t max_total_bytes) override {
+    if (max_total_bytes <= options_.max_count) {
+      std::int64_t unit = 4096;
+      for (auto* side : {&send_counts, &send_displs, &recv_counts, &recv_displs})
+        for (std::int64_t v : *side) unit = std::gcd(unit, v);
       exchange_collective(send, send_counts, send_displs, recv, recv_counts, recv_displs, unit);
     } else {
-      exchange_chunked(send, send_counts, send_displs, recv, recv_counts, recv_displs, unit);
+      exchange_chunked(send, send_counts, send_displs, recv, recv_counts, recv_displs);
     }
   }
 
@@ -111,15 +112,16 @@ class MpiCommunicator final : public Communicator {
     check(MPI_Alltoallv(send, isc, isd, type, recv, irc, ird, type, comm_), "MPI_Alltoallv");
   }
 
-  // Every peer pair exchanges ceil(count / max_count) messages, tagged by chunk index.
+  // Every peer pair exchanges ceil(count / (max_count units)) messages, tagged by chunk index.
   void exchange_chunked(const void* send, std::span<const std::int64_t> sc,
                         std::span<const std::int64_t> sd, void* recv,
-                        std::span<const std::int64_t> rc, std::span<const std::int64_t> rd,
-                        std::int64_t unit) {
-    const MPI_Datatype type = unit_type(unit);
+                        std::span<const std::int64_t> rc, std::span<const std::int64_t> rd) {
     const std::int64_t chunk = options_.max_count;
     requests_.clear();
     auto post = [&](bool is_send, int peer, std::int64_t bytes, std::int64_t displ) {
+      if (bytes == 0) return;
+      const std::int64_t unit = std::gcd(std::int64_t{4096}, bytes);
+      const MPI_Datatype type = unit_type(unit);
       const std::int64_t units = bytes / unit;
       for (std::int64_t c = 0, at = 0; at < units; ++c, at += chunk) {
         const int n = static_cast<int>(std::min(chunk, units - at));

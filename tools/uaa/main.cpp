@@ -1,14 +1,72 @@
+// The `uaa` command: a table of subcommands. Add one by writing `int name_main(int, char**)` and a
+// row in kCommands; it receives argv[0] = its name and the arguments after it.
 #include <cstdio>
-#include <vector>
-#include "uaa/mpi.h"
-#include "uaa/uaa.h"
+#include <cstring>
+
+#include "commands.h"
+#ifdef UAA_HAVE_BENCH
+#include "bench_kernel.h"
+#endif
+
+#ifndef UAA_VERSION
+#define UAA_VERSION "unknown"
+#endif
+
+namespace {
+
+#ifdef UAA_HAVE_BENCH
+// uaa bench <what>: benchmark drivers (bench/), built when OpenBLAS is available.
+int bench_main(int argc, char** argv) {
+  if (argc >= 2 && std::strcmp(argv[1], "kernel") == 0) return bench_kernel_main(argc - 1, argv + 1);
+  std::fprintf(stderr, "usage: uaa bench kernel [options]   (uaa bench kernel --help)\n");
+  return argc >= 2 && std::strcmp(argv[1], "--help") == 0 ? 0 : 2;
+}
+#endif
+
+struct Command {
+  const char* name;
+  int (*main)(int argc, char** argv);
+  const char* summary;
+};
+
+constexpr Command kCommands[] = {
+    {"run", uaa::cli::run_main, "sequence-parallel attention over MPI ranks (under mpirun)"},
+#ifdef UAA_HAVE_BENCH
+    {"bench", bench_main, "benchmarks: `uaa bench kernel` times the attention kernel vs sgemm"},
+#endif
+};
+
+void usage(std::FILE* to) {
+  std::fprintf(to,
+               "usage: uaa <command> [options]\n"
+               "       uaa --help | --version\n\n"
+               "Ulysses Anything Attention: sequence-parallel attention for any sequence length and\n"
+               "any head count, with no padding.\n\ncommands:\n");
+  for (const Command& c : kCommands) std::fprintf(to, "  %-8s %s\n", c.name, c.summary);
+  std::fprintf(to, "\n'uaa <command> --help' describes a command.\n");
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  {
-    auto comm = uaa::make_mpi_communicator(MPI_COMM_WORLD);
-    uaa::AttentionShape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 8};
-    auto plan = uaa::Plan::create(*comm, shape, 5 + comm->rank(), 5 + comm->rank());
-    std::printf("%s\n", plan.describe().c_str());
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
   }
-  MPI_Finalize();
+  const char* name = argv[1];
+  if (std::strcmp(name, "--help") == 0 || std::strcmp(name, "-h") == 0 ||
+      std::strcmp(name, "help") == 0) {
+    usage(stdout);
+    return 0;
+  }
+  if (std::strcmp(name, "--version") == 0) {
+    std::printf("uaa %s\n", UAA_VERSION);
+    return 0;
+  }
+  for (const Command& c : kCommands)
+    if (std::strcmp(name, c.name) == 0) return c.main(argc - 1, argv + 1);
+  std::fprintf(stderr, "uaa: unknown command '%s'; commands:", name);
+  for (const Command& c : kCommands) std::fprintf(stderr, " %s", c.name);
+  std::fprintf(stderr, " (see uaa --help)\n");
+  return 2;
 }

@@ -297,8 +297,9 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-constexpr const char* kPhaseNames[7] = {"plan",         "pack",   "exchange_qkv", "attention",
-                                        "exchange_out", "unpack", "total"};
+constexpr int kPhases = 8;
+constexpr const char* kPhaseNames[kPhases] = {"plan",         "handshake", "pack",   "exchange_qkv",
+                                              "attention",    "exchange_out", "unpack", "total"};
 
 struct CheckResult {
   double max_abs_err = 0;
@@ -415,17 +416,18 @@ int run(const RunOptions& o, int me, int P) {
     MPI_Barrier(world);
     collective([&] { forward(*comm, plan, args, ws); });
   }
-  std::vector<std::vector<double>> phase(7);
+  std::vector<std::vector<double>> phase(kPhases);
   for (std::int64_t i = 0; i < o.iters; ++i) {
     PhaseTimes t;
     MPI_Barrier(world);
     collective([&] { forward(*comm, plan, args, ws, &t); });
-    const double values[6] = {t.pack, t.exchange_qkv, t.attention, t.exchange_out, t.unpack, t.total};
-    for (int p = 0; p < 6; ++p) phase[static_cast<std::size_t>(p + 1)].push_back(values[p]);
+    const double values[kPhases - 1] = {t.handshake, t.pack,   t.exchange_qkv, t.attention,
+                                        t.exchange_out, t.unpack, t.total};
+    for (int p = 0; p < kPhases - 1; ++p) phase[static_cast<std::size_t>(p + 1)].push_back(values[p]);
   }
-  double local_ms[7] = {plan_ms}, max_ms[7] = {};
-  for (int p = 1; p < 7; ++p) local_ms[p] = median(phase[static_cast<std::size_t>(p)]);
-  MPI_Reduce(local_ms, max_ms, 7, MPI_DOUBLE, MPI_MAX, 0, world);
+  double local_ms[kPhases] = {plan_ms}, max_ms[kPhases] = {};
+  for (int p = 1; p < kPhases; ++p) local_ms[p] = median(phase[static_cast<std::size_t>(p)]);
+  MPI_Reduce(local_ms, max_ms, kPhases, MPI_DOUBLE, MPI_MAX, 0, world);
   const std::int64_t sent = plan.bytes_sent();
   std::int64_t max_sent = 0;
   MPI_Reduce(&sent, &max_sent, 1, MPI_INT64_T, MPI_MAX, 0, world);
@@ -472,8 +474,8 @@ int run(const RunOptions& o, int me, int P) {
           .field("causal", o.causal)
           .field("iters", o.iters);
       if (!s.from_files) j.field("seed", static_cast<std::uint64_t>(o.seed));
-      j.field("kernel", kernel).begin_object("ms");
-      for (int p = 0; p < 7; ++p) j.field(kPhaseNames[p], max_ms[p]);
+      j.field("kernel", kernel).field("threads", uaa::num_threads()).begin_object("ms");
+      for (int p = 0; p < kPhases; ++p) j.field(kPhaseNames[p], max_ms[p]);
       j.end_object().field("bytes_sent", max_sent);
       if (o.check) j.field("max_abs_err", check.max_abs_err).field("bitwise_equal", check.bitwise_equal);
       if (!o.load_dir.empty()) j.field("load", o.load_dir);
@@ -481,16 +483,17 @@ int run(const RunOptions& o, int me, int P) {
       std::printf("%s\n", j.str().c_str());
     } else {
       std::printf("uaa run: %d rank%s, q lens %s (%lld), kv lens %s (%lld), heads %lld q / %lld kv, "
-                  "head_dim %lld, %s%s, %lld iter%s, kernel %s, %s\n",
+                  "head_dim %lld, %s%s, %lld iter%s, kernel %s x %d thread%s, %s\n",
                   P, P == 1 ? "" : "s", list_text(s.lens).c_str(), static_cast<long long>(s.q_total),
                   list_text(s.kv_lens).c_str(), static_cast<long long>(s.kv_total),
                   static_cast<long long>(s.heads), static_cast<long long>(s.kv_heads),
                   static_cast<long long>(s.head_dim), dtype_name(o.dtype), o.causal ? ", causal" : "",
-                  static_cast<long long>(o.iters), o.iters == 1 ? "" : "s", kernel,
+                  static_cast<long long>(o.iters), o.iters == 1 ? "" : "s", kernel, uaa::num_threads(),
+                  uaa::num_threads() == 1 ? "" : "s",
                   (s.from_files ? cat("data ", o.load_dir) : cat("seed ", o.seed)).c_str());
       std::printf("bytes sent per rank (max over ranks): %lld\n", static_cast<long long>(max_sent));
       std::printf("%-14s %12s   (median over iterations, max over ranks)\n", "phase", "ms");
-      for (int p = 0; p < 7; ++p) std::printf("%-14s %s\n", kPhaseNames[p], fixed_ms(max_ms[p]).c_str());
+      for (int p = 0; p < kPhases; ++p) std::printf("%-14s %s\n", kPhaseNames[p], fixed_ms(max_ms[p]).c_str());
       if (o.check)
         std::printf("check: max_abs_err %.3g (vs float64 reference), bitwise_equal %s (vs single-rank run)\n",
                     check.max_abs_err, check.bitwise_equal ? "true" : "false");

@@ -9,6 +9,8 @@ packages=(
   libgtest-dev                 # tests
   libhwy-dev                   # SIMD kernels (runtime ISA dispatch)
   libopenblas-dev              # benchmark reference only (sgemm); never linked into libuaa
+  gnuplot-nox                  # benchmark plots
+  clang libclang-rt-14-dev     # libFuzzer targets and sanitizer runtimes
 )
 
 missing=()

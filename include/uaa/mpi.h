@@ -6,12 +6,22 @@
 // The communicator duplicates the caller's MPI_Comm (uaa traffic never mixes with the caller's) and
 // sets MPI_ERRORS_RETURN on the duplicate so transport errors become uaa::Error. It frees the
 // duplicate when destroyed: destroy it before MPI_Finalize.
+//
+// Deadlines: every blocking exchange (allgather, alltoallv) waits at most `timeout_seconds`. A peer
+// that never arrives (it crashed, skipped a call, or is blocked in another one) becomes
+// uaa::Error(ErrorCode::timeout) on the ranks that wait, naming the operation and the ranks whose
+// data never came. After a timeout the communicator is *poisoned*: messages may still be in flight
+// into or out of the buffers of the failed exchange, so every later call on it throws
+// ErrorCode::comm_failure. Keep those buffers alive, then MPI_Abort the job (or, if the peers are
+// known to be alive, build a new communicator from a fresh MPI communicator). See
+// docs/FAILURE_MODEL.md.
 #pragma once
 
 #include <mpi.h>
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "uaa/communicator.h"
 
@@ -23,6 +33,12 @@ struct MpiOptions {
   // element is up to 4 KiB) addressed with 64-bit offsets; smaller ones use one MPI_Alltoallv.
   // Lower it only to test the large-message path at small sizes.
   std::int64_t max_count = 2147483647;
+
+  // Deadline of every blocking exchange, in seconds. Unset: the environment variable
+  // UAA_TIMEOUT_SECONDS if it is set, else kDefaultTimeoutSeconds. Zero, negative or infinite: wait
+  // forever (no deadline).
+  std::optional<double> timeout_seconds = std::nullopt;
+  static constexpr double kDefaultTimeoutSeconds = 300.0;
 };
 
 std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, const MpiOptions& options = {});

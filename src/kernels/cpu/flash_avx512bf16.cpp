@@ -179,6 +179,30 @@ struct MicroBf16Dp {
         pv_rows<MR>(pb + r * kBc, v, Dp, O + r * Dp, alpha + r);
       });
   }
+
+  // Row r of P·V over the tile's first n keys only (flash_impl.h, "Non-finite values"): whole key
+  // pairs as pv_block_bf16 does them; for odd n the last pair's invisible key has its V lane zeroed
+  // (its P is 0 already), which for finite V is the same dot product.
+  static void pv_prefix(const Problem& p, const float*, const std::uint16_t* pb, const char* vt,
+                        float* O, const float* alpha, std::int64_t r, std::int64_t n) {
+    const std::int64_t Dp = p.padded_dim;
+    const auto* v = reinterpret_cast<const std::uint16_t*>(vt);
+    const std::uint16_t* P = pb + r * kBc;
+    const __m512i low = _mm512_set1_epi32(0xffff);
+    for (std::int64_t c = 0; c < Dp; c += 16) {
+      float* o = O + r * Dp + c;
+      __m512 acc = _mm512_mul_ps(_mm512_load_ps(o), _mm512_set1_ps(alpha[r]));
+      for (std::int64_t f = 0; f < n / 2; ++f)
+        acc = dpbf16(acc, _mm512_set1_epi32(static_cast<int>(load_pair(P + 2 * f))),
+                     _mm512_load_si512(v + (f * Dp + c) * 2));
+      if (n % 2) {
+        const std::int64_t f = n / 2;
+        acc = dpbf16(acc, _mm512_set1_epi32(static_cast<int>(load_pair(P + 2 * f))),
+                     _mm512_and_si512(_mm512_load_si512(v + (f * Dp + c) * 2), low));
+      }
+      _mm512_store_ps(o, acc);
+    }
+  }
 };
 }  // namespace isa_avx512bf16
 

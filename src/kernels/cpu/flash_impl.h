@@ -10,6 +10,18 @@
 // Every row's arithmetic (dot products in d order, P·V in key order, fixed-shape vector reductions)
 // depends only on that row, the global key tile and Traits — never on the other rows of its tile,
 // the segments or the threads. A key tile a row cannot see is skipped for that row entirely.
+//
+// Non-finite values: packing also flags every key tile whose K holds a non-finite value; in such a
+// tile a row with a non-finite visible score gets row sum NaN (so its output and lse are NaN, as in
+// the reference; the vector exp2 would map a NaN score to 0). Scores that overflow from finite
+// inputs are not searched for: such a row comes out NaN through inf − inf.
+// P·V runs over all 64 keys of a tile with P = 0 for keys a row cannot see
+// (causal diagonal tiles, the zero-padded tail), and 0 · Inf = NaN. So packing flags every key tile
+// whose V holds a non-finite value, and in a flagged tile a row that sees only a prefix of the keys
+// takes Mk::pv_prefix, which stops at its last visible key. The flag depends only on the global key
+// tile's content, so the choice (and each row's arithmetic) still depends only on the row and
+// global key positions; and for finite data both paths give the same values (they differ only by
+// additions of P = 0 terms).
 constexpr std::int64_t kBc = Traits::kKeyTile;
 constexpr std::int64_t kBr = Traits::kQueryTile;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -130,6 +142,16 @@ inline void with_rows(std::int64_t rows, Fn&& f) {
   }
 }
 
+// O[0, W) = α·O + Σ_{j<n} P[j] · V[j][·] for one row: pv_block's per-lane arithmetic, first n keys.
+template <class V>
+inline void pv_prefix_vec(const float* P, const float* v, std::int64_t Dp, float* o, float alpha,
+                          std::int64_t n) {
+  using F = typename V::F;
+  F acc = V::mul(V::load(o), V::set1(alpha));
+  for (std::int64_t j = 0; j < n; ++j) acc = V::fma(V::set1(P[j]), V::load(v + j * Dp), acc);
+  V::store(o, acc);
+}
+
 template <class V>
 struct MicroF32 {
   static_assert(V::kQkRows == 6 && V::kPvRows == 6, "with_rows dispatches up to 6 rows");
@@ -221,9 +243,49 @@ struct MicroF32 {
         pv_rows<MR>(S + r * kBc, v, Dp, O + r * Dp, alpha + r);
       });
   }
+
+  // Row r of P·V over the tile's first n keys only (see "Non-finite values" above).
+  static void pv_prefix(const Problem& p, const float* S, const std::uint16_t*, const char* vt,
+                        float* O, const float* alpha, std::int64_t r, std::int64_t n) {
+    const std::int64_t Dp = p.padded_dim;
+    const auto* v = reinterpret_cast<const float*>(vt);
+    for (std::int64_t c = 0; c < Dp; c += V::W)
+      pv_prefix_vec<V>(S + r * kBc, v + c, Dp, O + r * Dp + c, alpha[r], n);
+  }
 };
 
 // ---- the driver ----------------------------------------------------------------------------
+
+// Bit 0: V of kv head kvh holds a non-finite value (Inf or NaN) at a key of tile t; bit 1: K does.
+inline bool row_nonfinite(const Problem& p, const void* data, std::int64_t off) {
+  const std::int64_t D = p.head_dim;
+  std::uint32_t bad = 0;
+  if (p.bf16) {
+    const auto* row = static_cast<const std::uint16_t*>(data) + off;
+    for (std::int64_t d = 0; d < D; ++d) bad |= (row[d] & 0x7f80u) == 0x7f80u;
+  } else {
+    const auto* row = static_cast<const float*>(data) + off;
+    for (std::int64_t d = 0; d < D; ++d) {
+      std::uint32_t u;
+      __builtin_memcpy(&u, row + d, sizeof u);
+      bad |= (u & 0x7f800000u) == 0x7f800000u;
+    }
+  }
+  return bad != 0;
+}
+inline unsigned char kv_tile_flags(const Problem& p, std::int64_t kvh, std::int64_t t) {
+  const std::int64_t j0 = t * kBc, j1 = min64(j0 + kBc, p.kv_total);
+  std::int64_t s = find_segment(p.v, p.kv_segments, j0);
+  unsigned char flags = 0;
+  for (std::int64_t j = j0; j < j1; ++j) {
+    while (j >= p.v[s].begin + p.v[s].tokens) ++s;
+    const Segment& vs = p.v[s];
+    const Segment& ks = p.k[s];
+    if (row_nonfinite(p, vs.data, (j - vs.begin) * vs.token_stride + kvh * vs.head_stride)) flags |= 1;
+    if (row_nonfinite(p, ks.data, (j - ks.begin) * ks.token_stride + kvh * ks.head_stride)) flags |= 2;
+  }
+  return flags;
+}
 
 template <class V>
 inline float exp2_scalar(float x) {
@@ -235,12 +297,16 @@ inline float exp2_scalar(float x) {
 // Online-softmax update of rows [a, nr) of a query tile for the key tile starting at t0.
 template <class V, class Mk>
 inline void softmax_rows(const Problem& p, const ThreadBuffers& tb, std::int64_t r0,
-                         std::int64_t t0, std::int64_t a, std::int64_t nr) {
+                         std::int64_t t0, std::int64_t a, std::int64_t nr, bool k_bad) {
   using F = typename V::F;
   constexpr int NV = static_cast<int>(kBc / V::W);
   for (std::int64_t r = a; r < nr; ++r) {
     float* s = tb.scores + r * kBc;
     const std::int64_t visible = last_key(p, r0 + r) - t0 + 1;  // >= 1 for an active row
+    // A NaN/Inf score (K holds NaN/Inf in this tile) makes the row NaN: exp2 below maps NaN to 0.
+    bool nan_row = false;
+    if (k_bad)
+      for (std::int64_t c = 0; c < visible && c < kBc; ++c) nan_row |= !(s[c] - s[c] == 0.0f);
     for (std::int64_t c = visible; c < kBc; ++c) s[c] = -__builtin_inff();
     F mx = V::load(s);
 #pragma GCC unroll 16
@@ -257,7 +323,7 @@ inline void softmax_rows(const Problem& p, const ThreadBuffers& tb, std::int64_t
       V::store(s + c * V::W, e);
       sum = V::add(sum, e);
     }
-    tb.row_sum[r] = tb.row_sum[r] * alpha + V::hsum(sum);
+    tb.row_sum[r] = nan_row ? __builtin_nanf("") : tb.row_sum[r] * alpha + V::hsum(sum);
     tb.row_max[r] = m_new;
     tb.alpha[r] = alpha;
     Mk::emit_p(s, tb.p_bf16 + r * kBc);
@@ -294,7 +360,7 @@ inline void write_rows(const Problem& p, const ThreadBuffers& tb, std::int64_t h
 // One work item: local q head h (reading packed kv tiles kt/vt), query rows [r0, r0 + kBr).
 template <class V, class Mk>
 void attend_tile(const Problem& p, const ThreadBuffers& tb, const char* kpack, const char* vpack,
-                 std::int64_t h, std::int64_t qtile) {
+                 const unsigned char* v_bad, std::int64_t h, std::int64_t qtile) {
   const std::int64_t r0 = qtile * kBr, nr = min64(kBr, p.q_total - r0);
   const std::int64_t Dp = p.padded_dim;
   const std::int64_t last = last_key(p, r0 + nr - 1);  // the tile's last row sees the most keys
@@ -312,8 +378,15 @@ void attend_tile(const Problem& p, const ThreadBuffers& tb, const char* kpack, c
       const char* kt = kpack + static_cast<std::size_t>(t) * p.layout.k_tile_bytes;
       const char* vt = vpack + static_cast<std::size_t>(t) * p.layout.v_tile_bytes;
       Mk::qk(p, tb.q_tile, kt, tb.scores, a, nr, scale);
-      softmax_rows<V, Mk>(p, tb, r0, t0, a, nr);
-      Mk::pv(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, a, nr);
+      softmax_rows<V, Mk>(p, tb, r0, t0, a, nr, (v_bad[t] & 2) != 0);
+      std::int64_t b = a;  // rows [a, b) see only a prefix of this tile
+      if (v_bad[t] & 1)
+        while (b < nr && last_key(p, r0 + b) - t0 + 1 < kBc) {
+          Mk::pv_prefix(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, b,
+                        last_key(p, r0 + b) - t0 + 1);
+          ++b;
+        }
+      Mk::pv(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, b, nr);
     }
   }
   write_rows(p, tb, h, r0, nr);
@@ -326,6 +399,7 @@ void run_flash(const Problem& p) {
   const std::int64_t n_kt = (p.kv_total + kBc - 1) / kBc;
   char* kpack = p.scratch + p.layout.k_packed;
   char* vpack = p.scratch + p.layout.v_packed;
+  auto* v_bad = reinterpret_cast<unsigned char*>(p.scratch + p.layout.v_bad);
   const int threads = p.threads < 1 ? 1 : p.threads;
   (void)threads;
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -344,11 +418,14 @@ void run_flash(const Problem& p) {
       for (std::int64_t t = 0; t < n_kt; ++t)
         Mk::pack_kv(p, kvh, t, kpack + static_cast<std::size_t>(t) * p.layout.k_tile_bytes,
                     vpack + static_cast<std::size_t>(t) * p.layout.v_tile_bytes);
+      // (a separate loop: the packing loop's shape is what the benchmarks measured)
+#pragma omp for schedule(static)
+      for (std::int64_t t = 0; t < n_kt; ++t) v_bad[t] = kv_tile_flags(p, kvh, t);
       // Largest items first (causal: the last query tiles see the most keys).
       const std::int64_t items = (h_end - h) * n_qt;
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t w = 0; w < items; ++w)
-        attend_tile<V, Mk>(p, tb, kpack, vpack, h + w / n_qt, n_qt - 1 - w % n_qt);
+        attend_tile<V, Mk>(p, tb, kpack, vpack, v_bad, h + w / n_qt, n_qt - 1 - w % n_qt);
       h = h_end;
     }
   }

@@ -44,6 +44,8 @@ Sizes sizes_for(const KernelProblem& p, bool pairs, int threads) {
   at += align64(n_kt * L.k_tile_bytes);
   L.v_packed = at;
   at += align64(n_kt * L.v_tile_bytes);
+  L.v_bad = at;
+  at += align64(n_kt);
   L.per_thread = at;
   std::size_t t = 0;
   L.q_tile = t;

@@ -46,6 +46,7 @@ struct OutSegment {
 struct ScratchLayout {
   std::size_t k_packed = 0, v_packed = 0;  // one kv head: all key tiles
   std::size_t k_tile_bytes = 0, v_tile_bytes = 0;
+  std::size_t v_bad = 0;                   // one byte per key tile: its V holds Inf/NaN
   std::size_t per_thread = 0;              // start of thread 0's block
   std::size_t thread_stride = 0;           // bytes per thread block
   std::size_t q_tile = 0, scores = 0, p_bf16 = 0, acc = 0, row_max = 0, row_sum = 0, alpha = 0;

@@ -95,6 +95,7 @@ class TiledF32Kernel final : public AttentionKernel {
       const std::int64_t kvh = (p.q_head_begin + h) / p.group - p.kv_head_begin;
       std::int64_t j = 0;
       for (std::size_t seg = 0; seg < p.k.size(); ++seg) {
+        if (p.k[seg].tokens == 0) continue;  // its data may be null
         const auto* kb = static_cast<const float*>(p.k[seg].data) + kvh * p.k[seg].head_stride;
         const auto* vb = static_cast<const float*>(p.v[seg].data) + kvh * p.v[seg].head_stride;
         for (std::int64_t t = 0; t < p.k[seg].tokens; ++t, ++j) {

@@ -43,10 +43,15 @@ struct AttentionArgs {
 };
 
 // Per-phase wall times of one call, in milliseconds, as seen by this rank. An exchange phase also
-// holds the time spent waiting for slower peers to arrive.
+// holds the time spent waiting for slower peers to arrive, unless sync_exchanges is set.
 struct PhaseTimes {
+  // Input, for benchmarks: when true, forward() first waits for every rank (a one-byte all-gather)
+  // before each exchange and reports that wait in `wait`, so the exchange phases measure data
+  // movement only, not the skew of the phase before them. Costs one extra collective per exchange.
+  bool sync_exchanges = false;
   double handshake = 0;  // all-gather of the 256-byte call headers (validation, plan, call index)
   double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, total = 0;
+  double wait = 0;       // time in the sync_exchanges waits (0 without it)
 };
 
 // Buffers reused across calls. One workspace serves one call at a time; use one per thread.

@@ -21,6 +21,22 @@
 // q_total == kv_total this is the usual j <= i. Rows that may attend no key (q_total > kv_total)
 // produce zeros and a log-sum-exp of -inf.
 //
+// Strategies: every one produces the same output. `uaa` (the default) is the subject of this library;
+// the others exist so that users can compare, in the same API and command, with what they would run
+// instead:
+//   uaa          uneven per-peer counts, no padding; the rank's own block never travels.
+//   ulysses      plain equal-split Ulysses: every rank must hold total/P query and key/value tokens
+//                and q_heads must divide by P (else invalid_argument); every block, the rank's own
+//                included, goes through the exchange. Bitwise equal to uaa.
+//   ulysses_pad  the common workaround: every rank's shard is padded to Sp = max(ceil(S/P), longest
+//                shard) tokens and the query heads to a multiple of P (zero data); equal counts; the
+//                padded rows and heads travel and are computed, then dropped. Padded key rows are left
+//                out of the softmax by handing the kernel only the real key rows (instead of masking
+//                them), which spares it at most (P-1)/S of the attention work. Equal to uaa within the
+//                kernel's tolerance (bitwise on the kernels shipped today).
+//   allgather_kv each rank keeps its queries and all heads, all-gathers K and V, attends its own
+//                rows (Megatron's "all_gather" context parallelism). Bitwise equal to uaa.
+//
 // A Plan is a cheap-to-copy handle to immutable data: share it freely across threads.
 #pragma once
 
@@ -34,6 +50,12 @@
 
 namespace uaa {
 
+enum class Strategy : std::uint8_t { uaa = 0, ulysses = 1, ulysses_pad = 2, allgather_kv = 3 };
+
+const char* strategy_name(Strategy strategy);  // "uaa", "ulysses", "ulysses_pad", "allgather_kv"
+// Parses a name written by strategy_name(); false if unknown.
+bool parse_strategy(const std::string& name, Strategy* out);
+
 // The fields every rank must agree on.
 struct AttentionShape {
   std::int64_t q_heads = 0;   // Hq >= 1
@@ -43,6 +65,7 @@ struct AttentionShape {
   bool causal = false;        // see the causal convention above
   float scale = 0.0f;         // softmax scale; 0 means 1/sqrt(head_dim)
   bool return_lse = false;    // forward() also returns the log-sum-exp of every (token, head)
+  Strategy strategy = Strategy::uaa;  // how the work is distributed (see above)
 };
 
 inline constexpr std::int64_t kMaxHeadDim = 256;
@@ -76,9 +99,10 @@ class Plan {
   std::int64_t kv_head_begin(int rank) const;  // kv heads received by `rank`
   std::int64_t kv_head_end(int rank) const;
 
-  // Bytes this rank sends to other ranks in both exchanges, including the 256-byte call header
-  // per peer and alignment padding between parts.
+  // Bytes this rank sends to other ranks in all exchanges of one call (the strategy's; padding
+  // included; the 256-byte handshake header per rank is not counted).
   std::int64_t bytes_sent() const;
+  std::int64_t bytes_received() const;
   // A 64-bit digest of everything the ranks must agree on (lengths, shape, options).
   std::uint64_t fingerprint() const;
   // One-line human-readable summary.

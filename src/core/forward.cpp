@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/strings.h"
+#include "core/steps.h"
 #include "core/workspace.h"
 #include "kernels/kernel.h"
 #include "plan/plan_data.h"
@@ -34,10 +35,8 @@ struct CallHeader {  // 256 bytes per rank per call
 static_assert(sizeof(CallHeader) == 256);
 constexpr std::uint64_t kCallMagic = 0x316c6c6163616175ull;  // "uaacall1"
 
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
+using detail::Clock;
+using detail::ms_since;
 
 // Byte range [lo, hi) spanned by a strided view (empty if it has no rows).
 struct Extent {
@@ -138,40 +137,6 @@ std::string args_problem(const Communicator& comm, const detail::PlanData& plan,
   return {};
 }
 
-// Copies heads [h0, h0+n) of every token of `src` into dst as a dense [tokens][n][dim] block.
-void gather_heads(const ConstTensor& src, std::int64_t h0, std::int64_t n, std::size_t es,
-                  std::byte* dst) {
-  const std::size_t row = static_cast<std::size_t>(src.head_dim) * es;
-  const auto* base = static_cast<const std::byte*>(src.data);
-  for (std::int64_t t = 0; t < src.tokens; ++t) {
-    const std::byte* tok = base + (t * src.token_stride + h0 * src.head_stride) * es;
-    if (src.head_stride == src.head_dim) {
-      std::memcpy(dst, tok, row * n);
-      dst += row * n;
-    } else {
-      for (std::int64_t h = 0; h < n; ++h, dst += row)
-        std::memcpy(dst, tok + h * src.head_stride * es, row);
-    }
-  }
-}
-
-// Inverse of gather_heads, into the caller's output.
-void scatter_heads(const std::byte* src, const Tensor& dst, std::int64_t h0, std::int64_t n,
-                   std::size_t es) {
-  const std::size_t row = static_cast<std::size_t>(dst.head_dim) * es;
-  auto* base = static_cast<std::byte*>(dst.data);
-  for (std::int64_t t = 0; t < dst.tokens; ++t) {
-    std::byte* tok = base + (t * dst.token_stride + h0 * dst.head_stride) * es;
-    if (dst.head_stride == dst.head_dim) {
-      std::memcpy(tok, src, row * n);
-      src += row * n;
-    } else {
-      for (std::int64_t h = 0; h < n; ++h, src += row)
-        std::memcpy(tok + h * dst.head_stride * es, src, row);
-    }
-  }
-}
-
 // Throws the error all ranks agree on, if any. Every rank inspects the same headers in the same
 // order, so every rank raises the same error with the same message.
 void check_headers(int ranks, const CallHeader* all) {
@@ -214,8 +179,10 @@ std::int64_t Workspace::bytes_reserved() const {
          b.out_recv.size() + b.scratch.size();
 }
 
-void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& args,
-             Workspace& ws, PhaseTimes* times) {
+namespace {
+
+void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionArgs& args,
+                  Workspace& ws, PhaseTimes* times) {
   const auto t_start = Clock::now();
   const detail::PlanData& plan = plan_handle.data();
   const Layout& L = plan.layout;
@@ -251,6 +218,26 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   check_headers(L.ranks, headers);
   const double handshake_ms = ms_since(t_handshake);
 
+  const bool sync = times && times->sync_exchanges;
+  if (s.strategy != Strategy::uaa) {
+    detail::StepTimes st;
+    if (s.strategy == Strategy::allgather_kv)
+      detail::run_allgather_kv(xc, plan, args, B, sync, st);
+    else
+      detail::run_padded(xc, plan, args, B, sync, st);
+    if (times) {
+      times->handshake = handshake_ms;
+      times->pack = st.pack;
+      times->exchange_qkv = st.exchange_qkv;
+      times->attention = st.attention;
+      times->exchange_out = st.exchange_out;
+      times->unpack = st.unpack;
+      times->wait = st.wait;
+      times->total = ms_since(t_start);
+    }
+    return;
+  }
+
   const detail::AttentionKernel& kernel = detail::select_kernel();
   B.reserve(B.qkv_send, L.qkv_send.total);
   B.reserve(B.qkv_recv, L.qkv_recv.total);
@@ -260,17 +247,21 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   // Pack: one copy of my tokens per destination, heads of that destination only.
   const auto t_pack = Clock::now();
   const std::size_t es = dtype_size(s.dtype);
+  const std::int64_t row = s.head_dim * static_cast<std::int64_t>(es);
   std::byte* send = B.qkv_send.data();
   for (int j = 0; j < L.ranks; ++j) {
     if (j == me) continue;
     std::byte* block = send + L.qkv_send.displs[j];
     const detail::QkvBlock& b = L.qkv_send_block[j];
-    gather_heads(args.q, L.q_heads[j].begin, L.q_heads[j].size(), es, block + b.q);
-    gather_heads(args.k, L.kv_heads[j].begin, L.kv_heads[j].size(), es, block + b.k);
-    gather_heads(args.v, L.kv_heads[j].begin, L.kv_heads[j].size(), es, block + b.v);
+    const std::int64_t nq = L.q_heads[j].size(), nkv = L.kv_heads[j].size();
+    detail::copy_heads_in(args.q, L.q_heads[j].begin, nq, es, block + b.q, nq * row);
+    detail::copy_heads_in(args.k, L.kv_heads[j].begin, nkv, es, block + b.k, nkv * row);
+    detail::copy_heads_in(args.v, L.kv_heads[j].begin, nkv, es, block + b.v, nkv * row);
   }
   const double pack_ms = ms_since(t_pack);
 
+  double wait_ms = 0;
+  detail::sync_point(xc, sync, B, wait_ms);
   const auto t_x1 = Clock::now();
   std::byte* recv = B.qkv_recv.data();
   xc.alltoallv(send, L.qkv_send.counts, L.qkv_send.displs, recv, L.qkv_recv.counts,
@@ -339,6 +330,7 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   }
   const double attn_ms = ms_since(t_attn);
 
+  detail::sync_point(xc, sync, B, wait_ms);
   const auto t_x2 = Clock::now();
   xc.alltoallv(B.out_send.data(), L.out_send.counts, L.out_send.displs, B.out_recv.data(),
                L.out_recv.counts, L.out_recv.displs, L.out_max_total);
@@ -350,7 +342,8 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
   for (int j = 0; j < L.ranks; ++j) {
     if (j == me || L.q_heads[j].size() == 0) continue;
     const std::byte* block = B.out_recv.data() + L.out_recv.displs[j];
-    scatter_heads(block, args.out, L.q_heads[j].begin, L.q_heads[j].size(), es);
+    detail::copy_heads_out(block, L.q_heads[j].size() * row, args.out, L.q_heads[j].begin,
+                           L.q_heads[j].size(), es);
     if (args.lse) {
       const auto* lse = reinterpret_cast<const float*>(block + L.out_recv_block[j].lse);
       const std::int64_t n = L.q_heads[j].size();
@@ -367,7 +360,23 @@ void forward(Communicator& comm, const Plan& plan_handle, const AttentionArgs& a
     times->attention = attn_ms;
     times->exchange_out = x2_ms;
     times->unpack = unpack_ms;
+    times->wait = wait_ms;
     times->total = ms_since(t_start);
+  }
+}
+
+}  // namespace
+
+void forward(Communicator& comm, const Plan& plan, const AttentionArgs& args, Workspace& ws,
+             PhaseTimes* times) {
+  try {
+    forward_impl(comm, plan, args, ws, times);
+  } catch (const Error& e) {
+    // Transport errors name the operation and the missing ranks; add which plan was running.
+    if (e.code() != ErrorCode::timeout && e.code() != ErrorCode::comm_failure) throw;
+    throw Error(e.code(), cat("uaa::forward (plan ", std::hex, plan.fingerprint(), std::dec, ": ",
+                              plan.ranks(), " ranks, ", plan.q_total(), " q / ", plan.kv_total(),
+                              " kv tokens): ", e.what()));
   }
 }
 

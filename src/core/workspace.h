@@ -41,9 +41,11 @@ class AlignedBuffer {
 };
 
 struct Workspace::Buffers {
-  AlignedBuffer headers, qkv_send, qkv_recv, out_send, out_recv, scratch;
+  AlignedBuffer headers, qkv_send, qkv_recv, out_send, out_recv, scratch, sync;
   std::vector<detail::TokenSegment> qseg, kseg, vseg;
   std::vector<detail::OutSegment> oseg;
+  std::vector<detail::TokenSegment> pad_qseg;  // ulysses_pad: the padded query rows
+  std::vector<detail::OutSegment> pad_oseg;
   std::int64_t grows = 0;
   void reserve(AlignedBuffer& b, std::int64_t bytes) { grows += b.reserve(bytes) ? 1 : 0; }
 };

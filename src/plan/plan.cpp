@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -23,6 +24,24 @@ std::string shape_problem(const AttentionShape& s) {
   if (s.dtype != DType::f32 && s.dtype != DType::bf16)
     return cat("dtype ", static_cast<int>(s.dtype), " is not a known dtype");
   if (!std::isfinite(s.scale)) return cat("scale ", s.scale, " is not finite");
+  if (static_cast<int>(s.strategy) > static_cast<int>(Strategy::allgather_kv))
+    return cat("strategy ", static_cast<int>(s.strategy), " is not a known strategy");
+  return {};
+}
+
+// Returns "" when every byte count of every exchange fits comfortably in 64 bits, else the problem.
+// (Counts are int64 bytes; an absurd length must be an error, not a signed overflow.)
+std::string size_problem(const AttentionShape& s, const std::vector<std::int64_t>& q,
+                         const std::vector<std::int64_t>& kv) {
+  __int128 tokens = 0;
+  for (std::int64_t n : q) tokens += n;
+  for (std::int64_t n : kv) tokens += 2 * static_cast<__int128>(n);
+  const std::int64_t heads = std::max(s.q_heads, s.kv_heads);
+  const __int128 bytes = tokens * heads * s.head_dim * static_cast<std::int64_t>(dtype_size(s.dtype));
+  constexpr __int128 kLimit = static_cast<__int128>(1) << 60;
+  if (bytes > kLimit)
+    return cat("the sequence is too large: q and k/v tokens x heads x head_dim come to ",
+               static_cast<long double>(bytes), " bytes (limit 2^60)");
   return {};
 }
 
@@ -57,6 +76,7 @@ std::uint64_t fingerprint_of(const AttentionShape& s, const std::vector<std::int
   f.add(static_cast<std::uint8_t>(s.causal));
   f.add(static_cast<std::uint8_t>(s.return_lse));
   f.add(s.scale);
+  f.add(static_cast<std::uint8_t>(s.strategy));
   return f.h;
 }
 
@@ -77,6 +97,9 @@ std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
   in.with_lse = d->shape.return_lse;
   in.rank = comm.rank();
   d->layout = compute_layout(in);
+  if (d->shape.strategy == Strategy::ulysses || d->shape.strategy == Strategy::ulysses_pad)
+    d->padded = compute_padded_layout(in);
+  if (d->shape.strategy == Strategy::allgather_kv) d->gather = compute_gather_layout(in);
   d->fingerprint = fingerprint_of(d->shape, d->q_lens, d->kv_lens);
   d->comm_id = comm.id();
   d->comm = comm.weak_from_this();
@@ -90,6 +113,7 @@ struct PlanRecord {
   std::int64_t q_len, kv_len, q_heads, kv_heads, head_dim, ranks;
   float scale;
   std::uint8_t dtype, causal, return_lse, error;  // error: 0 ok, else 1 + ErrorCode
+  std::uint8_t strategy;
   char message[192];
 };
 constexpr std::uint64_t kPlanRecordMagic = 0x316e616c70616175ull;  // "uaaplan1"
@@ -114,6 +138,7 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   mine.dtype = static_cast<std::uint8_t>(shape.dtype);
   mine.causal = shape.causal;
   mine.return_lse = shape.return_lse;
+  mine.strategy = static_cast<std::uint8_t>(shape.strategy);
 
   std::string problem;
   ErrorCode code = ErrorCode::invalid_argument;
@@ -180,12 +205,22 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
       disagree("return_lse", int(rec.return_lse), int(ref.return_lse));
     if (std::memcmp(&rec.scale, &ref.scale, sizeof(float)) != 0)
       disagree("scale", rec.scale, ref.scale);
+    if (rec.strategy != ref.strategy)
+      disagree("strategy", strategy_name(Strategy(rec.strategy)),
+               strategy_name(Strategy(ref.strategy)));
   }
   std::vector<std::int64_t> q_lens(P), kv_lens(P);
   for (int j = 0; j < P; ++j) {
     q_lens[j] = all[j].q_len;
     kv_lens[j] = all[j].kv_len;
   }
+  // Every rank has the same lengths now, so every rank reaches the same verdict.
+  if (std::string p = detail::size_problem(shape, q_lens, kv_lens); !p.empty())
+    throw Error(ErrorCode::invalid_argument, cat("uaa::Plan::create: ", p));
+  // A property of all lengths together: every rank sees the same ones and raises the same error.
+  if (shape.strategy == Strategy::ulysses)
+    if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
+      throw Error(ErrorCode::invalid_argument, "uaa::Plan::create: " + p);
   return Plan(detail::build(comm, shape, std::move(q_lens), std::move(kv_lens)));
 }
 
@@ -204,6 +239,11 @@ Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
     if (kv_lens[j] < 0) fail(ErrorCode::invalid_argument, cat("kv length of rank ", j, " is ", kv_lens[j]));
   }
   if (std::string p = detail::shape_problem(shape); !p.empty()) fail(ErrorCode::invalid_argument, p);
+  if (std::string p = detail::size_problem(shape, q_lens, kv_lens); !p.empty())
+    fail(ErrorCode::invalid_argument, p);
+  if (shape.strategy == Strategy::ulysses)
+    if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
+      fail(ErrorCode::invalid_argument, p);
   if (!detail::kernel_supports(shape.dtype))
     fail(ErrorCode::unsupported, cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
                                      detail::select_kernel().name()));
@@ -225,11 +265,62 @@ std::int64_t Plan::kv_head_begin(int r) const { return data_->layout.kv_heads.at
 std::int64_t Plan::kv_head_end(int r) const { return data_->layout.kv_heads.at(r).end; }
 std::uint64_t Plan::fingerprint() const { return data_->fingerprint; }
 
-std::int64_t Plan::bytes_sent() const {
+namespace {
+std::int64_t peer_bytes(const detail::ExchangeSide& side, int me) {
   std::int64_t n = 0;
-  for (std::int64_t c : data_->layout.qkv_send.counts) n += c;
-  for (std::int64_t c : data_->layout.out_send.counts) n += c;
+  for (std::size_t j = 0; j < side.counts.size(); ++j)
+    if (static_cast<int>(j) != me) n += side.counts[j];
   return n;
+}
+}  // namespace
+
+std::int64_t Plan::bytes_sent() const {
+  const detail::PlanData& d = *data_;
+  const int me = rank();
+  switch (d.shape.strategy) {
+    case Strategy::ulysses:
+    case Strategy::ulysses_pad:
+      return peer_bytes(d.padded.qkv_send, me) + peer_bytes(d.padded.out_send, me);
+    case Strategy::allgather_kv:
+      return peer_bytes(d.gather.send, me);
+    case Strategy::uaa:
+      break;
+  }
+  return peer_bytes(d.layout.qkv_send, me) + peer_bytes(d.layout.out_send, me);
+}
+
+std::int64_t Plan::bytes_received() const {
+  const detail::PlanData& d = *data_;
+  const int me = rank();
+  switch (d.shape.strategy) {
+    case Strategy::ulysses:
+    case Strategy::ulysses_pad:
+      return peer_bytes(d.padded.qkv_recv, me) + peer_bytes(d.padded.out_recv, me);
+    case Strategy::allgather_kv:
+      return peer_bytes(d.gather.recv, me);
+    case Strategy::uaa:
+      break;
+  }
+  return peer_bytes(d.layout.qkv_recv, me) + peer_bytes(d.layout.out_recv, me);
+}
+
+const char* strategy_name(Strategy s) {
+  switch (s) {
+    case Strategy::uaa: return "uaa";
+    case Strategy::ulysses: return "ulysses";
+    case Strategy::ulysses_pad: return "ulysses_pad";
+    case Strategy::allgather_kv: return "allgather_kv";
+  }
+  return "unknown";
+}
+
+bool parse_strategy(const std::string& name, Strategy* out) {
+  for (Strategy s : {Strategy::uaa, Strategy::ulysses, Strategy::ulysses_pad, Strategy::allgather_kv})
+    if (name == strategy_name(s)) {
+      *out = s;
+      return true;
+    }
+  return false;
 }
 
 std::string Plan::describe() const {
@@ -238,7 +329,7 @@ std::string Plan::describe() const {
   return cat("plan ", ranks(), " ranks, q_lens ", detail::list(q_lens()), " (total ", q_total(),
              "), kv_lens ", detail::list(kv_lens()), " (total ", kv_total(), "), heads ", s.q_heads,
              "/", s.kv_heads, " x ", s.head_dim, " ", dtype_name(s.dtype),
-             s.causal ? " causal" : "", "; rank ", r, " owns q heads [", q_head_begin(r), ",",
+             s.causal ? " causal" : "", ", strategy ", strategy_name(s.strategy), "; rank ", r, " owns q heads [", q_head_begin(r), ",",
              q_head_end(r), ") kv heads [", kv_head_begin(r), ",", kv_head_end(r), ")");
 }
 

@@ -30,6 +30,7 @@ Shape:
   --head-dim D         head dimension (default 128)
   --dtype f32|bf16     element type (default f32; bf16 rounds the f32 data to nearest even)
   --causal             causal mask (bottom-right aligned when query and key counts differ)
+  --strategy NAME      uaa (default), ulysses, ulysses_pad or allgather_kv (see uaa/plan.h)
 Run:
   --iters N            timed forward() calls (default 1; with N > 1 one untimed warm-up call first)
   --seed S             data seed (default 1)
@@ -101,7 +102,7 @@ RunOptions parse_run_args(std::span<const char* const> args) {
     static const std::set<std::string> flags = {"--causal", "--check", "--json"};
     static const std::set<std::string> valued = {
         "--lens", "--seq",  "--kv-lens", "--kv-seq", "--heads", "--kv-heads", "--head-dim",
-        "--dtype", "--iters", "--seed",  "--load",   "--save"};
+        "--dtype", "--iters", "--seed",  "--load",   "--save", "--strategy"};
     if (flags.count(name)) {
       if (inline_value) throw ArgError(name + " takes no value");
     } else if (valued.count(name)) {
@@ -135,6 +136,9 @@ RunOptions parse_run_args(std::span<const char* const> args) {
       if (value == "f32" || value == "float32") o.dtype = DType::f32;
       else if (value == "bf16" || value == "bfloat16") o.dtype = DType::bf16;
       else throw ArgError("--dtype: '" + value + "' is not one of f32, bf16");
+    } else if (name == "--strategy") {
+      if (!parse_strategy(value, &o.strategy))
+        throw ArgError("--strategy: '" + value + "' is not one of uaa, ulysses, ulysses_pad, allgather_kv");
     } else if (name == "--load" || name == "--save") {
       if (value.empty()) throw ArgError(name + " needs a directory");
       (name == "--load" ? o.load_dir : o.save_dir) = value;

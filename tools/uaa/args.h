@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "uaa/plan.h"
 #include "uaa/types.h"
 
 namespace uaa::cli {
@@ -24,6 +25,7 @@ struct RunOptions {
   std::optional<std::int64_t> heads, kv_heads, head_dim;   // unset: default or from --load
   DType dtype = DType::f32;
   bool causal = false;
+  Strategy strategy = Strategy::uaa;
   std::int64_t iters = 1;
   std::uint64_t seed = 1;
   bool check = false;

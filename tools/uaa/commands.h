@@ -5,6 +5,7 @@
 
 namespace uaa::cli {
 
-int run_main(int argc, char** argv);  // uaa run: sequence-parallel attention under mpirun
+int run_main(int argc, char** argv);   // uaa run: sequence-parallel attention under mpirun
+int plan_main(int argc, char** argv);  // uaa plan: the cost model of the strategies, no MPI
 
 }  // namespace uaa::cli

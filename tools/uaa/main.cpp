@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "bench_strategies.h"
 #include "commands.h"
 #ifdef UAA_HAVE_BENCH
 #include "bench_kernel.h"
@@ -14,14 +15,19 @@
 
 namespace {
 
-#ifdef UAA_HAVE_BENCH
-// uaa bench <what>: benchmark drivers (bench/), built when OpenBLAS is available.
+// uaa bench kernel ...: the kernel benchmark (bench/, built when OpenBLAS is available);
+// uaa bench [--strategies ...]: the strategy benchmark under mpirun (bench/bench_strategies.cpp).
 int bench_main(int argc, char** argv) {
-  if (argc >= 2 && std::strcmp(argv[1], "kernel") == 0) return bench_kernel_main(argc - 1, argv + 1);
-  std::fprintf(stderr, "usage: uaa bench kernel [options]   (uaa bench kernel --help)\n");
-  return argc >= 2 && std::strcmp(argv[1], "--help") == 0 ? 0 : 2;
-}
+  if (argc >= 2 && std::strcmp(argv[1], "kernel") == 0) {
+#ifdef UAA_HAVE_BENCH
+    return bench_kernel_main(argc - 1, argv + 1);
+#else
+    std::fprintf(stderr, "uaa bench kernel: not built (OpenBLAS was not found)\n");
+    return 2;
 #endif
+  }
+  return bench_strategies_main(argc, argv);
+}
 
 struct Command {
   const char* name;
@@ -31,9 +37,9 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"run", uaa::cli::run_main, "sequence-parallel attention over MPI ranks (under mpirun)"},
-#ifdef UAA_HAVE_BENCH
-    {"bench", bench_main, "benchmarks: `uaa bench kernel` times the attention kernel vs sgemm"},
-#endif
+    {"bench", bench_main,
+     "compare the strategies under mpirun (`uaa bench --preset flux`); `uaa bench kernel`: the kernel"},
+    {"plan", uaa::cli::plan_main, "cost model of the strategies at any rank count (no MPI)"},
 };
 
 void usage(std::FILE* to) {

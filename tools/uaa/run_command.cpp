@@ -383,6 +383,7 @@ int run(const RunOptions& o, int me, int P) {
   shape.head_dim = s.head_dim;
   shape.dtype = o.dtype;
   shape.causal = o.causal;
+  shape.strategy = o.strategy;
 
   MPI_Barrier(world);
   const auto t_plan = Clock::now();
@@ -472,6 +473,7 @@ int run(const RunOptions& o, int me, int P) {
           .field("head_dim", s.head_dim)
           .field("dtype", dtype_name(o.dtype))
           .field("causal", o.causal)
+          .field("strategy", strategy_name(o.strategy))
           .field("iters", o.iters);
       if (!s.from_files) j.field("seed", static_cast<std::uint64_t>(o.seed));
       j.field("kernel", kernel).field("threads", uaa::num_threads()).begin_object("ms");

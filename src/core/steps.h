@@ -1,0 +1,83 @@
+// Pieces shared by the strategies of forward() (internal): strided row copies, phase timing, the
+// bench-only synchronization point, and the entry points of the non-default strategies.
+//
+// Every strategy runs after forward() has validated the arguments and completed the handshake, so
+// it may write the caller's output: no rank raises an argument error past that point.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "core/workspace.h"
+#include "plan/plan_data.h"
+#include "uaa/attention.h"
+#include "uaa/communicator.h"
+
+namespace uaa::detail {
+
+using Clock = std::chrono::steady_clock;
+inline double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// Copies tokens [0, src.tokens) x heads [h0, h0 + n) of `src` to dst[t][h][:], where dst rows of one
+// token are contiguous and tokens are `dst_token_bytes` apart.
+inline void copy_heads_in(const ConstTensor& src, std::int64_t h0, std::int64_t n, std::size_t es,
+                          std::byte* dst, std::int64_t dst_token_bytes) {
+  if (n <= 0) return;
+  const std::size_t row = static_cast<std::size_t>(src.head_dim) * es;
+  const auto* base = static_cast<const std::byte*>(src.data);
+  for (std::int64_t t = 0; t < src.tokens; ++t, dst += dst_token_bytes) {
+    const std::byte* tok = base + (t * src.token_stride + h0 * src.head_stride) * es;
+    if (src.head_stride == src.head_dim) {
+      std::memcpy(dst, tok, row * n);
+    } else {
+      for (std::int64_t h = 0; h < n; ++h)
+        std::memcpy(dst + h * row, tok + h * src.head_stride * es, row);
+    }
+  }
+}
+
+// Inverse of copy_heads_in, into the caller's output (tokens [0, dst.tokens)).
+inline void copy_heads_out(const std::byte* src, std::int64_t src_token_bytes, const Tensor& dst,
+                           std::int64_t h0, std::int64_t n, std::size_t es) {
+  if (n <= 0) return;
+  const std::size_t row = static_cast<std::size_t>(dst.head_dim) * es;
+  auto* base = static_cast<std::byte*>(dst.data);
+  for (std::int64_t t = 0; t < dst.tokens; ++t, src += src_token_bytes) {
+    std::byte* tok = base + (t * dst.token_stride + h0 * dst.head_stride) * es;
+    if (dst.head_stride == dst.head_dim) {
+      std::memcpy(tok, src, row * n);
+    } else {
+      for (std::int64_t h = 0; h < n; ++h)
+        std::memcpy(tok + h * dst.head_stride * es, src + h * row, row);
+    }
+  }
+}
+
+// Per-phase times of one strategy step, in milliseconds.
+struct StepTimes {
+  double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, wait = 0;
+};
+
+// With `enabled` (benchmarks only: PhaseTimes::sync_exchanges), waits for every rank with a one-byte
+// all-gather and adds the wait to `wait_ms`, so the exchange that follows measures data movement
+// rather than the skew of the phase before it.
+inline void sync_point(Communicator& xc, bool enabled, Workspace::Buffers& B, double& wait_ms) {
+  if (!enabled) return;
+  const auto t0 = Clock::now();
+  B.reserve(B.sync, xc.size());
+  const std::byte one{1};
+  xc.allgather(&one, 1, B.sync.data());
+  wait_ms += ms_since(t0);
+}
+
+// ulysses and ulysses_pad (strategy_padded.cpp), allgather_kv (strategy_allgather.cpp).
+void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& args,
+                Workspace::Buffers& B, bool sync, StepTimes& times);
+void run_allgather_kv(Communicator& xc, const PlanData& plan, const AttentionArgs& args,
+                      Workspace::Buffers& B, bool sync, StepTimes& times);
+
+}  // namespace uaa::detail

@@ -1,15 +1,16 @@
 #!/bin/sh
 # The kernel table of docs/PERFORMANCE.md: every row run 3 times (JSON lines on stdout); the table
-# reports the median of each field. Usage: bench/kernel_table.sh [path/to/uaa_bench_kernel]
-B=${1:-build/bench/uaa_bench_kernel}
+# reports the median of each field. Usage: bench/kernel_table.sh [uaa binary]
+U=${1:-build/tools/uaa}
+B="$U bench kernel --seq 4096 --heads 8 --reps 7 --json"
 for rep in 1 2 3; do
-  $B --seq 4096 --heads 8 --head-dim 128 --dtype f32  --threads 1 --json
-  $B --seq 4096 --heads 8 --head-dim 128 --dtype bf16 --threads 1 --json
-  $B --seq 4096 --heads 8 --head-dim 64  --dtype f32  --threads 1 --json
-  $B --seq 4096 --heads 8 --head-dim 128 --dtype f32  --threads 1 --causal --json
-  $B --seq 4096 --heads 8 --head-dim 128 --dtype f32  --threads 2 --json
-  $B --seq 4096 --heads 8 --head-dim 128 --dtype bf16 --threads 2 --json
-  UAA_ISA=avx512 $B --seq 4096 --heads 8 --head-dim 128 --dtype bf16 --threads 1 --json --no-unfused
-  UAA_ISA=avx2 $B --seq 4096 --heads 8 --head-dim 128 --dtype f32 --threads 1 --json --no-unfused
-  UAA_ISA=portable $B --seq 4096 --heads 8 --head-dim 128 --dtype f32 --threads 1 --json --no-unfused
+  $B --head-dim 128 --dtype f32  --threads 1
+  $B --head-dim 128 --dtype bf16 --threads 1
+  $B --head-dim 64  --dtype f32  --threads 1
+  $B --head-dim 128 --dtype f32  --threads 1 --causal
+  $B --head-dim 128 --dtype f32  --threads 2
+  $B --head-dim 128 --dtype bf16 --threads 2
+  UAA_ISA=avx512 $B --head-dim 128 --dtype bf16 --threads 1 --no-unfused
+  UAA_ISA=avx2 $B --head-dim 128 --dtype f32 --threads 1 --no-unfused
+  UAA_ISA=portable $B --head-dim 128 --dtype f32 --threads 1 --no-unfused
 done

@@ -238,7 +238,6 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
     return;
   }
 
-  const detail::AttentionKernel& kernel = detail::select_kernel();
   B.reserve(B.qkv_send, L.qkv_send.total);
   B.reserve(B.qkv_recv, L.qkv_recv.total);
   B.reserve(B.out_send, L.out_send.total);
@@ -309,24 +308,9 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
                        : nullptr;
       oseg[j] = {oblock, qh.size() * s.head_dim, s.head_dim, lse, qh.size()};
     }
-    detail::KernelProblem kp;
-    kp.dtype = s.dtype;
-    kp.head_dim = s.head_dim;
-    kp.q_heads = qh.size();
-    kp.q_head_begin = qh.begin;
-    kp.kv_head_begin = kvh.begin;
-    kp.group = s.q_heads / s.kv_heads;
-    kp.q = qseg;
-    kp.k = kseg;
-    kp.v = vseg;
-    kp.out = oseg;
-    kp.q_total = L.q_start.back();
-    kp.kv_total = L.kv_start.back();
-    kp.scale = s.scale;
-    kp.causal = s.causal;
-    B.reserve(B.scratch, static_cast<std::int64_t>(kernel.scratch_bytes(kp)));
-    kp.scratch = B.scratch.data();
-    kernel.run(kp);
+    detail::KernelProblem kp = detail::kernel_problem(s, B, qh.size(), qh.begin, kvh.begin,
+                                                      L.q_start.back(), L.kv_start.back());
+    detail::run_kernel(kp, B);
   }
   const double attn_ms = ms_since(t_attn);
 

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "core/workspace.h"
+#include "kernels/kernel.h"
 #include "plan/plan_data.h"
 #include "uaa/attention.h"
 #include "uaa/communicator.h"
@@ -58,6 +59,38 @@ inline void copy_heads_out(const std::byte* src, std::int64_t src_token_bytes, c
 }
 
 // Per-phase times of one strategy step, in milliseconds.
+// The kernel problem for `q_heads` query heads starting at global head `q_head_begin` over the
+// workspace's segment lists (qseg/kseg/vseg/oseg), with the shape's dtype, scale and mask.
+inline KernelProblem kernel_problem(const AttentionShape& s, Workspace::Buffers& B,
+                                    std::int64_t q_heads, std::int64_t q_head_begin,
+                                    std::int64_t kv_head_begin, std::int64_t q_total,
+                                    std::int64_t kv_total) {
+  KernelProblem kp;
+  kp.dtype = s.dtype;
+  kp.head_dim = s.head_dim;
+  kp.q_heads = q_heads;
+  kp.q_head_begin = q_head_begin;
+  kp.kv_head_begin = kv_head_begin;
+  kp.group = s.q_heads / s.kv_heads;
+  kp.q = B.qseg;
+  kp.k = B.kseg;
+  kp.v = B.vseg;
+  kp.out = B.oseg;
+  kp.q_total = q_total;
+  kp.kv_total = kv_total;
+  kp.scale = s.scale;
+  kp.causal = s.causal;
+  return kp;
+}
+
+// Runs this process's kernel on kp with scratch from the workspace (grown once, then reused).
+inline void run_kernel(KernelProblem& kp, Workspace::Buffers& B) {
+  const AttentionKernel& kernel = select_kernel();
+  B.reserve(B.scratch, static_cast<std::int64_t>(kernel.scratch_bytes(kp)));
+  kp.scratch = B.scratch.data();
+  kernel.run(kp);
+}
+
 struct StepTimes {
   double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, wait = 0;
 };

@@ -66,25 +66,8 @@ void run_allgather_kv(Communicator& xc, const PlanData& plan, const AttentionArg
     }
   }
   if (n > 0) {
-    const AttentionKernel& kernel = select_kernel();
-    KernelProblem kp;
-    kp.dtype = s.dtype;
-    kp.head_dim = s.head_dim;
-    kp.q_heads = s.q_heads;
-    kp.q_head_begin = 0;
-    kp.kv_head_begin = 0;
-    kp.group = s.q_heads / s.kv_heads;
-    kp.q = B.qseg;
-    kp.k = B.kseg;
-    kp.v = B.vseg;
-    kp.out = B.oseg;
-    kp.q_total = n;
-    kp.kv_total = keys;
-    kp.scale = s.scale;
-    kp.causal = s.causal;
-    B.reserve(B.scratch, static_cast<std::int64_t>(kernel.scratch_bytes(kp)));
-    kp.scratch = B.scratch.data();
-    kernel.run(kp);
+    KernelProblem kp = kernel_problem(s, B, s.q_heads, 0, 0, n, keys);
+    run_kernel(kp, B);
   }
   times.attention = ms_since(t0);
 }

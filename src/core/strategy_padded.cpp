@@ -79,25 +79,8 @@ void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& arg
     kv_total += plan.kv_lens[j];
     pad_rows += L.q_rows - plan.q_lens[j];
   }
-  const AttentionKernel& kernel = select_kernel();
-  KernelProblem kp;
-  kp.dtype = s.dtype;
-  kp.head_dim = s.head_dim;
-  kp.q_heads = hq;
-  kp.q_head_begin = me * hq;
-  kp.kv_head_begin = L.kv_head_begin[me];
-  kp.group = s.q_heads / s.kv_heads;
-  kp.q = B.qseg;
-  kp.k = B.kseg;
-  kp.v = B.vseg;
-  kp.out = B.oseg;
-  kp.q_total = q_total;
-  kp.kv_total = kv_total;
-  kp.scale = s.scale;
-  kp.causal = s.causal;
-  B.reserve(B.scratch, static_cast<std::int64_t>(kernel.scratch_bytes(kp)));
-  kp.scratch = B.scratch.data();
-  kernel.run(kp);
+  KernelProblem kp = kernel_problem(s, B, hq, me * hq, L.kv_head_begin[me], q_total, kv_total);
+  run_kernel(kp, B);
   if (pad_rows > 0) {
     // The padded query rows: computed over all real keys (no causal mask: their output is dropped).
     B.pad_qseg.resize(P);
@@ -115,9 +98,7 @@ void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& arg
     kp.out = B.pad_oseg;
     kp.q_total = pad_rows;
     kp.causal = false;
-    B.reserve(B.scratch, static_cast<std::int64_t>(kernel.scratch_bytes(kp)));
-    kp.scratch = B.scratch.data();
-    kernel.run(kp);
+    run_kernel(kp, B);
   }
   times.attention = ms_since(t0);
 

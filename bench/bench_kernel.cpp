@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kernels/kernel.h"
+#include "uaa/bf16.h"
 #include "uaa/error.h"
 #include "uaa/threads.h"
 #include "uaa/types.h"
@@ -122,12 +123,6 @@ float rnd(std::uint64_t& s) {  // xorshift, values in [-1, 1)
   return static_cast<float>(static_cast<double>(s >> 40) / static_cast<double>(1ull << 23) - 1.0);
 }
 
-std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
 
 // Plain attention on BLAS: per head S = scale·Q Kᵀ (sgemm), row softmax, O = P V (sgemm).
 void unfused_attention(const Options& o, const float* q, const float* k, const float* v, float* out,
@@ -180,7 +175,7 @@ int bench_kernel_main(int argc, char** argv) {
   if (o.dtype == DType::bf16) {
     for (auto [src, dst] : {std::pair{&q, &qb}, {&k, &kb}, {&v, &vb}}) {
       dst->resize(src->size());
-      for (std::size_t i = 0; i < src->size(); ++i) (*dst)[i] = to_bf16((*src)[i]);
+      for (std::size_t i = 0; i < src->size(); ++i) (*dst)[i] = uaa::bf16_from_f32((*src)[i]);
     }
     outb.resize(out.size());
   }

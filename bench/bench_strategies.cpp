@@ -23,6 +23,7 @@
 #include "plan/plan_data.h"
 #include "presets.h"
 #include "sweep.h"
+#include "uaa/bf16.h"
 #include "uaa/mpi.h"
 #include "uaa/uaa.h"
 
@@ -52,18 +53,6 @@ float value_at(int tensor, std::int64_t token, std::int64_t head, std::int64_t d
   return static_cast<float>(static_cast<double>(z >> 40) * (1.0 / 8388608.0) - 1.0);
 }
 
-std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
-float from_bf16(std::uint16_t b) {
-  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 struct Shard {
   DType dtype = DType::f32;
@@ -79,12 +68,12 @@ struct Shard {
         for (std::int64_t d = 0; d < dim; ++d, ++i) {
           const float v = value_at(tensor, first + t, h, d);
           if (dtype == DType::f32) std::memcpy(bytes.data() + 4 * i, &v, 4);
-          else { const std::uint16_t b = to_bf16(v); std::memcpy(bytes.data() + 2 * i, &b, 2); }
+          else { const std::uint16_t b = uaa::bf16_from_f32(v); std::memcpy(bytes.data() + 2 * i, &b, 2); }
         }
   }
   float at(std::size_t i) const {
     if (dtype == DType::f32) { float v; std::memcpy(&v, bytes.data() + 4 * i, 4); return v; }
-    std::uint16_t b; std::memcpy(&b, bytes.data() + 2 * i, 2); return from_bf16(b);
+    std::uint16_t b; std::memcpy(&b, bytes.data() + 2 * i, 2); return uaa::f32_from_bf16(b);
   }
   std::size_t elements() const { return static_cast<std::size_t>(tokens * heads * dim); }
   ConstTensor cview() const { return contiguous(bytes.data(), tokens, heads, dim, dtype); }

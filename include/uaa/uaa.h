@@ -8,4 +8,5 @@
 #include "uaa/error.h"
 #include "uaa/plan.h"
 #include "uaa/threads.h"
+#include "uaa/bf16.h"
 #include "uaa/types.h"

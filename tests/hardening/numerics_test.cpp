@@ -22,6 +22,7 @@
 
 #include "hardening/hardening_util.h"
 #include "kernels/kernel.h"
+#include "uaa/bf16.h"
 #include "uaa/error.h"
 #include "uaa/mpi.h"
 
@@ -36,19 +37,6 @@ using detail::TokenSegment;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
-float from_bf16(std::uint16_t b) {
-  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // One whole-sequence problem, contiguous [tokens][heads][D] fp32 data (converted for bf16 runs).
 struct Case {
@@ -87,7 +75,7 @@ Result run_kernel(const AttentionKernel& kernel, const Case& c, DType dtype) {
     std::vector<unsigned char> b(x.size() * es);
     for (std::size_t i = 0; i < x.size(); ++i) {
       if (dtype == DType::bf16) {
-        const std::uint16_t h = to_bf16(x[i]);
+        const std::uint16_t h = uaa::bf16_from_f32(x[i]);
         std::memcpy(b.data() + i * 2, &h, 2);
       } else {
         std::memcpy(b.data() + i * 4, &x[i], 4);
@@ -126,7 +114,7 @@ Result run_kernel(const AttentionKernel& kernel, const Case& c, DType dtype) {
     if (dtype == DType::bf16) {
       std::uint16_t h;
       std::memcpy(&h, out.data() + i * 2, 2);
-      r.out[i] = from_bf16(h);
+      r.out[i] = uaa::f32_from_bf16(h);
     } else {
       std::memcpy(&r.out[i], out.data() + i * 4, 4);
     }

@@ -26,6 +26,7 @@
 #include "common/test_data.h"
 #include "common/test_rng.h"
 #include "kernels/kernel.h"
+#include "uaa/bf16.h"
 #include "uaa/threads.h"
 
 namespace uaa::detail {
@@ -33,19 +34,7 @@ namespace {
 
 using test::element;
 
-std::uint16_t to_bf16(float f) {  // round to nearest even
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
-float from_bf16(std::uint16_t b) {
-  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+float round_bf16(float f) { return uaa::f32_from_bf16(uaa::bf16_from_f32(f)); }
 
 struct Shape {
   std::int64_t Sq, Skv, Hq, Hkv, D;
@@ -71,8 +60,8 @@ Tensor3 make(std::uint64_t seed, int id, std::int64_t S, std::int64_t H, std::in
   if (dt == DType::bf16) {
     t.b.resize(t.f.size());
     for (std::size_t i = 0; i < t.f.size(); ++i) {
-      t.b[i] = to_bf16(t.f[i]);
-      t.f[i] = from_bf16(t.b[i]);
+      t.b[i] = uaa::bf16_from_f32(t.f[i]);
+      t.f[i] = uaa::f32_from_bf16(t.b[i]);
     }
   }
   return t;
@@ -196,7 +185,7 @@ Result run(const AttentionKernel& kernel, const Inputs& in, const RunOptions& o)
     if (dt == DType::bf16) {
       std::uint16_t b;
       std::memcpy(&b, out.data() + 2 * i, 2);
-      r.out[i] = from_bf16(b);
+      r.out[i] = uaa::f32_from_bf16(b);
     } else {
       std::memcpy(&r.out[i], out.data() + 4 * i, 4);
     }

@@ -1,3 +1,4 @@
+#include "uaa/bf16.h"
 #include "attention_harness.h"
 
 #include <algorithm>
@@ -54,22 +55,9 @@ Problem make_problem(const AttentionShape& shape, std::vector<std::int64_t> q_le
   return pb;
 }
 
-std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x0040u);
-  const std::uint32_t lsb = (u >> 16) & 1u;  // ties go to the even neighbour
-  return static_cast<std::uint16_t>((u + 0x7fffu + lsb) >> 16);
-}
 
-float from_bf16(std::uint16_t b) {
-  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
-float round_to(DType dtype, float f) { return dtype == DType::bf16 ? from_bf16(to_bf16(f)) : f; }
+float round_to(DType dtype, float f) { return dtype == DType::bf16 ? uaa::f32_from_bf16(uaa::bf16_from_f32(f)) : f; }
 
 namespace {
 constexpr std::uint32_t kF32InputNan = 0x7fc00000u, kF32Sentinel = 0x7fc0beefu;
@@ -96,7 +84,7 @@ void* StridedBuffer::data() {
 const void* StridedBuffer::data() const { return const_cast<StridedBuffer*>(this)->data(); }
 
 float StridedBuffer::get(std::int64_t i) const {
-  if (dtype == DType::bf16) return from_bf16(raw16[i]);
+  if (dtype == DType::bf16) return uaa::f32_from_bf16(raw16[i]);
   float f;
   std::memcpy(&f, &raw[i], sizeof f);
   return f;
@@ -104,7 +92,7 @@ float StridedBuffer::get(std::int64_t i) const {
 
 void StridedBuffer::set(std::int64_t i, float v) {
   if (dtype == DType::bf16)
-    raw16[i] = to_bf16(v);
+    raw16[i] = uaa::bf16_from_f32(v);
   else
     std::memcpy(&raw[i], &v, sizeof v);
 }

@@ -46,9 +46,7 @@ enum class Layout {
   head_major_padded,  // [H][T][D] with gaps between tokens and between heads
 };
 
-// bf16 <-> f32 (round to nearest even); every bf16 value is exactly a float.
-std::uint16_t to_bf16(float f);
-float from_bf16(std::uint16_t b);
+// (bf16 <-> f32 conversion: uaa/bf16.h.)
 float round_to(DType dtype, float f);  // the nearest value of `dtype`
 
 // Fill patterns (raw bits of one element): a NaN for inputs, a distinctive NaN for outputs.

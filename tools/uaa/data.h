@@ -37,20 +37,7 @@ inline void generate(std::uint64_t seed, int tensor, std::int64_t first, std::in
       for (std::int64_t d = 0; d < dim; ++d) dst[i++] = generated_value(seed, tensor, first + t, h, d);
 }
 
-// float -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
-inline std::uint16_t f32_to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x0040u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
 
-inline float bf16_to_f32(std::uint16_t b) {
-  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
-}  // namespace uaa::cli
+}  // namespace uaa::cli#include "uaa/bf16.h"
+

@@ -166,7 +166,7 @@ struct HostTensor {
       std::copy(values.begin(), values.end(), storage.begin());
     } else {
       auto* p = static_cast<std::uint16_t*>(data());
-      for (std::size_t i = 0; i < values.size(); ++i) p[i] = f32_to_bf16(values[i]);
+      for (std::size_t i = 0; i < values.size(); ++i) p[i] = uaa::bf16_from_f32(values[i]);
     }
   }
   // The stored values as f32 (exact for both dtypes).
@@ -174,7 +174,7 @@ struct HostTensor {
     if (dtype == DType::f32) return {storage.begin(), storage.begin() + elements()};
     std::vector<float> out(static_cast<std::size_t>(elements()));
     const auto* p = static_cast<const std::uint16_t*>(data());
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_f32(p[i]);
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] = uaa::f32_from_bf16(p[i]);
     return out;
   }
 };

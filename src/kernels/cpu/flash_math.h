@@ -1,4 +1,7 @@
 // Scalar helpers shared by the flash kernels (included inside an ISA namespace; no includes here).
+// The bf16 conversions repeat uaa/bf16.h on purpose: per-ISA units share no inline functions with
+// the rest of the library (see flash_problem.h), so the linker cannot pick an AVX-512 copy for a
+// baseline caller.
 
 // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7. The first omitted term is
 // below 5.3e-9 relative, under half an fp32 ulp, so the polynomial error is dominated by rounding.

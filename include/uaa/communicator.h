@@ -29,7 +29,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // Uneven all-to-all. Peer j gets send[send_displs[j] .. + send_counts[j]) and this rank receives
   // peer j's block into recv[recv_displs[j] .. + recv_counts[j]). All values are bytes, size() each.
   // `max_total_bytes` is the largest send or receive buffer of any rank in this exchange, identical
-  // on every rank (plans know it): it lets a transport choose one strategy that all ranks agree on.
+  // on every rank (plans know it): a transport that picks an algorithm by size must pick by this
+  // number, so that all ranks agree without asking. (The MPI transport, always point-to-point, only
+  // names it in its timeout message.)
   virtual void alltoallv(const void* send, std::span<const std::int64_t> send_counts,
                          std::span<const std::int64_t> send_displs, void* recv,
                          std::span<const std::int64_t> recv_counts,

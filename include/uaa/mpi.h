@@ -28,10 +28,9 @@
 namespace uaa {
 
 struct MpiOptions {
-  // MPI takes `int` counts. An exchange in which some rank's send or receive buffer exceeds
-  // max_count bytes is done with point-to-point messages of at most max_count elements each (an
-  // element is up to 4 KiB) addressed with 64-bit offsets; smaller ones use one MPI_Alltoallv.
-  // Lower it only to test the large-message path at small sizes.
+  // MPI takes `int` counts. Each peer's block is sent as point-to-point messages of at most
+  // max_count elements (an element is gcd(4096, block bytes) bytes) addressed with 64-bit offsets,
+  // so blocks of any size move. Lower it only to test the multi-message path at small sizes.
   std::int64_t max_count = 2147483647;
 
   // Deadline of every blocking exchange, in seconds. Unset: the environment variable

@@ -63,7 +63,7 @@ struct Layout {
   std::vector<QkvBlock> qkv_send_block, qkv_recv_block;  // per peer
   std::vector<OutBlock> out_send_block, out_recv_block;  // per peer
   // Largest send or receive buffer of *any* rank in each exchange: the same number on every rank,
-  // so a transport can pick one strategy for a size class without asking its peers.
+  // handed to Communicator::alltoallv (see there).
   std::int64_t qkv_max_total = 0, out_max_total = 0;
 };
 

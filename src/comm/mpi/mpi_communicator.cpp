@@ -108,7 +108,7 @@ class MpiCommunicator final : public Communicator {
       check(MPI_Isend(send, n, MPI_BYTE, j, kGatherTag, comm_, &req), "MPI_Isend");
       add_request(req, j, true);
     }
-    wait_all(cat("allgather (", bytes, " bytes per rank)"));
+    wait_all({"allgather (", static_cast<std::int64_t>(bytes), " bytes per rank)"});
   }
 
   void alltoallv(const void* send, std::span<const std::int64_t> sc,
@@ -145,7 +145,7 @@ class MpiCommunicator final : public Communicator {
       std::memmove(static_cast<char*>(recv) + rd[rank_],
                    static_cast<const char*>(send) + sd[rank_], static_cast<std::size_t>(sc[rank_]));
     if (!requests_.empty())
-      wait_all(cat("alltoallv (largest buffer ", max_total_bytes, " bytes)"));
+      wait_all({"alltoallv (largest buffer ", max_total_bytes, " bytes)"});
   }
 
  private:
@@ -185,8 +185,16 @@ class MpiCommunicator final : public Communicator {
     request_peer_.push_back(is_send ? -1 - peer : peer);
   }
 
+  // What an exchange was, for the timeout message only: formatted when it fails, never per call.
+  struct Operation {
+    const char* before;
+    std::int64_t bytes;
+    const char* after;
+    std::string text() const { return cat(before, bytes, after); }
+  };
+
   // Completes every request in requests_, or throws ErrorCode::timeout when the deadline passes.
-  void wait_all(const std::string& what) {
+  void wait_all(const Operation& op) {
     const int n = static_cast<int>(requests_.size());
     if (n == 0) return;
     if (!(timeout_s_ > 0) || std::isinf(timeout_s_)) {
@@ -212,7 +220,7 @@ class MpiCommunicator final : public Communicator {
       else if (waited > std::chrono::microseconds(100))
         std::this_thread::yield();
     }
-    timed_out(what);
+    timed_out(op.text());
   }
 
   [[noreturn]] void timed_out(const std::string& what) {

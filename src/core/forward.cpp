@@ -122,7 +122,7 @@ std::string args_problem(const Communicator& comm, const detail::PlanData& plan,
   if (!s.return_lse && a.lse != nullptr)
     return "lse is given but the plan was built without return_lse";
   if (a.lse) {
-    const std::int64_t lts = a.lse_token_stride == 0 ? s.q_heads : a.lse_token_stride;
+    const std::int64_t lts = detail::lse_token_stride(a, s);
     if (q_tokens > 1 && lts < s.q_heads)
       return cat("lse_token_stride ", a.lse_token_stride, " is smaller than q_heads ", s.q_heads);
     const Extent lse = extent_of(a.lse, q_tokens, s.q_heads, 1, lts, 1, sizeof(float));
@@ -280,7 +280,7 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
     auto& kseg = B.kseg;
     auto& vseg = B.vseg;
     auto& oseg = B.oseg;
-    const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
+    const std::int64_t lse_ts = detail::lse_token_stride(args, s);
     for (int j = 0; j < L.ranks; ++j) {
       if (j == me) {
         const auto* q = static_cast<const std::byte*>(args.q.data);
@@ -322,7 +322,7 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
 
   // Unpack: peer j computed heads q_heads[j] of my tokens.
   const auto t_unpack = Clock::now();
-  const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
+  const std::int64_t lse_ts = detail::lse_token_stride(args, s);
   for (int j = 0; j < L.ranks; ++j) {
     if (j == me || L.q_heads[j].size() == 0) continue;
     const std::byte* block = B.out_recv.data() + L.out_recv.displs[j];

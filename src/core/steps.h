@@ -18,6 +18,11 @@
 
 namespace uaa::detail {
 
+// Elements between tokens in the caller's lse array (AttentionArgs: 0 means q_heads).
+inline std::int64_t lse_token_stride(const AttentionArgs& a, const AttentionShape& s) {
+  return a.lse_token_stride == 0 ? s.q_heads : a.lse_token_stride;
+}
+
 using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();

@@ -47,7 +47,7 @@ void run_allgather_kv(Communicator& xc, const PlanData& plan, const AttentionArg
   const std::int64_t n = plan.q_lens[me];
   const std::int64_t keys =
       s.causal ? std::clamp<std::int64_t>(first + n + kv_total - q_total, 0, kv_total) : kv_total;
-  const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
+  const std::int64_t lse_ts = lse_token_stride(args, s);
   B.qseg.assign(1, {args.q.data, n, args.q.token_stride, args.q.head_stride});
   B.oseg.assign(1, {args.out.data, args.out.token_stride, args.out.head_stride, args.lse, lse_ts});
   B.kseg.clear();

@@ -110,7 +110,7 @@ void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& arg
 
   // Unpack: my real rows of every block, real heads only.
   t0 = Clock::now();
-  const std::int64_t lse_ts = args.lse_token_stride == 0 ? s.q_heads : args.lse_token_stride;
+  const std::int64_t lse_ts = lse_token_stride(args, s);
   for (int j = 0; j < P; ++j) {
     const std::int64_t h0 = j * hq, n = std::clamp<std::int64_t>(s.q_heads - h0, 0, hq);
     if (n == 0) continue;

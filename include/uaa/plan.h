@@ -11,10 +11,13 @@
 //   // ranks; a disagreement is detected by the first forward() call).
 //   uaa::Plan same = uaa::Plan::from_lengths(*comm, shape, {1000, 1001, 0}, {1000, 1001, 0});
 //
-// Heads: rank r owns the contiguous query heads [q_head_begin(r), q_head_end(r)); the range sizes
-// differ by at most one (no head padding); with more ranks than heads some ranks own none. With GQA
-// (q_heads = g * kv_heads) query head h reads key/value head h / g, and a rank receives exactly the
-// key/value heads its query heads read.
+// Work: the (query head, global query row) pairs, head-major, are split into one contiguous range
+// per rank (work(r)) of about equal attention work, with no padding. When q_heads divides by the
+// rank count the ranges are whole heads (plain Ulysses). Otherwise a head's rows may be shared by two
+// ranks — 30 heads on 4 ranks are 7.5 heads each, not 8/8/7/7 — and with more ranks than heads every
+// rank still gets rows. Cuts inside a head fall on multiples of 48 query rows. With GQA
+// (q_heads = g * kv_heads) query head h reads key/value head h / g; a rank receives exactly the
+// key/value heads its rows read (a shared head's keys and values go to both of its ranks).
 //
 // Causal convention: global query position i may attend global key position j iff
 // j <= i + (kv_total - q_total) (bottom-right aligned, as in FlashAttention 2.1+). With
@@ -49,6 +52,13 @@
 #include "uaa/types.h"
 
 namespace uaa {
+
+// The attention work of one rank: global query rows [first_row, q_total) of head first_head, every
+// row of the heads after it up to end_head, and rows [0, end_row) of head end_head. Empty when
+// (first_head, first_row) == (end_head, end_row).
+struct WorkRange {
+  std::int64_t first_head = 0, first_row = 0, end_head = 0, end_row = 0;
+};
 
 enum class Strategy : std::uint8_t { uaa = 0, ulysses = 1, ulysses_pad = 2, allgather_kv = 3 };
 
@@ -94,9 +104,10 @@ class Plan {
   std::int64_t kv_tokens() const;  // this rank's
   std::int64_t q_total() const;
   std::int64_t kv_total() const;
-  std::int64_t q_head_begin(int rank) const;
+  WorkRange work(int rank) const;               // the uaa strategy's split (see above)
+  std::int64_t q_head_begin(int rank) const;    // query heads of which `rank` computes some rows
   std::int64_t q_head_end(int rank) const;
-  std::int64_t kv_head_begin(int rank) const;  // kv heads received by `rank`
+  std::int64_t kv_head_begin(int rank) const;   // kv heads received by `rank`
   std::int64_t kv_head_end(int rank) const;
 
   // Bytes this rank sends to other ranks in all exchanges of one call (the strategy's; padding

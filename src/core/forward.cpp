@@ -243,19 +243,29 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
   B.reserve(B.out_send, L.out_send.total);
   B.reserve(B.out_recv, L.out_recv.total);
 
-  // Pack: one copy of my tokens per destination, heads of that destination only.
+  // Pack: one copy of my tokens per destination: of each of its work pieces the rows I hold, and
+  // the key/value heads it reads.
   const auto t_pack = Clock::now();
   const std::size_t es = dtype_size(s.dtype);
   const std::int64_t row = s.head_dim * static_cast<std::int64_t>(es);
+  const detail::RowRange mine = L.q_tokens(me);
   std::byte* send = B.qkv_send.data();
   for (int j = 0; j < L.ranks; ++j) {
     if (j == me) continue;
     std::byte* block = send + L.qkv_send.displs[j];
     const detail::QkvBlock& b = L.qkv_send_block[j];
-    const std::int64_t nq = L.q_heads[j].size(), nkv = L.kv_heads[j].size();
-    detail::copy_heads_in(args.q, L.q_heads[j].begin, nq, es, block + b.q, nq * row);
-    detail::copy_heads_in(args.k, L.kv_heads[j].begin, nkv, es, block + b.k, nkv * row);
-    detail::copy_heads_in(args.v, L.kv_heads[j].begin, nkv, es, block + b.v, nkv * row);
+    const detail::RankWork& w = L.work[j];
+    for (int i = 0; i < w.pieces; ++i) {
+      const detail::WorkPiece& p = w.piece[i];
+      const detail::RowRange rows = detail::rows_held(p, mine);
+      if (rows.size() == 0) continue;
+      detail::copy_heads_in(args.q, rows.begin - mine.begin, rows.end - mine.begin,
+                            p.heads.begin, p.heads.size(), es, block + b.q[i],
+                            p.heads.size() * row);
+    }
+    const std::int64_t nkv = w.kv_heads.size();
+    detail::copy_heads_in(args.k, w.kv_heads.begin, nkv, es, block + b.k, nkv * row);
+    detail::copy_heads_in(args.v, w.kv_heads.begin, nkv, es, block + b.v, nkv * row);
   }
   const double pack_ms = ms_since(t_pack);
 
@@ -267,49 +277,63 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
                L.qkv_recv.displs, L.qkv_max_total);
   const double x1_ms = ms_since(t_x1);
 
-  // Attention over all tokens of my heads; my own tokens are read from and written to the caller.
+  // Attention, one kernel call per work piece, over all tokens of its rows; my own tokens are read
+  // from and written to the caller.
   const auto t_attn = Clock::now();
-  const detail::HeadRange qh = L.q_heads[me], kvh = L.kv_heads[me];
-  if (qh.size() > 0 && plan.q_lens.size() > 0) {
-    // Segment lists live in the workspace: no allocation after the first call.
-    B.qseg.resize(L.ranks);
-    B.kseg.resize(L.ranks);
-    B.vseg.resize(L.ranks);
-    B.oseg.resize(L.ranks);
-    auto& qseg = B.qseg;
-    auto& kseg = B.kseg;
-    auto& vseg = B.vseg;
-    auto& oseg = B.oseg;
-    const std::int64_t lse_ts = detail::lse_token_stride(args, s);
-    for (int j = 0; j < L.ranks; ++j) {
-      if (j == me) {
-        const auto* q = static_cast<const std::byte*>(args.q.data);
-        const auto* k = static_cast<const std::byte*>(args.k.data);
-        const auto* v = static_cast<const std::byte*>(args.v.data);
-        auto* o = static_cast<std::byte*>(args.out.data);
-        qseg[j] = {q ? q + qh.begin * args.q.head_stride * es : nullptr, plan.q_lens[j],
-                   args.q.token_stride, args.q.head_stride};
-        kseg[j] = {k ? k + kvh.begin * args.k.head_stride * es : nullptr, plan.kv_lens[j],
+  const detail::RankWork& work = L.work[me];
+  const detail::HeadRange kvh = work.kv_heads;
+  const std::int64_t lse_ts = detail::lse_token_stride(args, s);
+  // Segment lists live in the workspace: no allocation after the first call.
+  B.qseg.resize(L.ranks);
+  B.kseg.resize(L.ranks);
+  B.vseg.resize(L.ranks);
+  B.oseg.resize(L.ranks);
+  for (int j = 0; j < L.ranks && work.pieces > 0; ++j) {  // keys and values: the same for all pieces
+    if (j == me) {
+      const auto* k = static_cast<const std::byte*>(args.k.data);
+      const auto* v = static_cast<const std::byte*>(args.v.data);
+      B.kseg[j] = {k ? k + kvh.begin * args.k.head_stride * es : nullptr, plan.kv_lens[j],
                    args.k.token_stride, args.k.head_stride};
-        vseg[j] = {v ? v + kvh.begin * args.v.head_stride * es : nullptr, plan.kv_lens[j],
+      B.vseg[j] = {v ? v + kvh.begin * args.v.head_stride * es : nullptr, plan.kv_lens[j],
                    args.v.token_stride, args.v.head_stride};
-        oseg[j] = {o ? o + qh.begin * args.out.head_stride * es : nullptr, args.out.token_stride,
-                   args.out.head_stride, args.lse ? args.lse + qh.begin : nullptr, lse_ts};
+      continue;
+    }
+    const std::byte* block = recv + L.qkv_recv.displs[j];
+    const detail::QkvBlock& b = L.qkv_recv_block[j];
+    B.kseg[j] = {block + b.k, plan.kv_lens[j], kvh.size() * s.head_dim, s.head_dim};
+    B.vseg[j] = {block + b.v, plan.kv_lens[j], kvh.size() * s.head_dim, s.head_dim};
+  }
+  for (int i = 0; i < work.pieces; ++i) {
+    const detail::WorkPiece& p = work.piece[i];
+    const std::int64_t nh = p.heads.size();
+    for (int j = 0; j < L.ranks; ++j) {
+      const detail::RowRange rows = detail::rows_held(p, L.q_tokens(j));
+      const std::int64_t n = rows.size();
+      if (j == me) {
+        const std::int64_t t0 = n ? rows.begin - mine.begin : 0;
+        const auto* q = static_cast<const std::byte*>(args.q.data);
+        auto* o = static_cast<std::byte*>(args.out.data);
+        B.qseg[j] = {n ? q + (t0 * args.q.token_stride + p.heads.begin * args.q.head_stride) * es
+                       : nullptr,
+                     n, args.q.token_stride, args.q.head_stride};
+        B.oseg[j] = {n ? o + (t0 * args.out.token_stride + p.heads.begin * args.out.head_stride) * es
+                       : nullptr,
+                     args.out.token_stride, args.out.head_stride,
+                     args.lse && n ? args.lse + t0 * lse_ts + p.heads.begin : nullptr, lse_ts};
         continue;
       }
       const std::byte* block = recv + L.qkv_recv.displs[j];
-      const detail::QkvBlock& b = L.qkv_recv_block[j];
-      qseg[j] = {block + b.q, plan.q_lens[j], qh.size() * s.head_dim, s.head_dim};
-      kseg[j] = {block + b.k, plan.kv_lens[j], kvh.size() * s.head_dim, s.head_dim};
-      vseg[j] = {block + b.v, plan.kv_lens[j], kvh.size() * s.head_dim, s.head_dim};
+      B.qseg[j] = {block + L.qkv_recv_block[j].q[i], n, nh * s.head_dim, s.head_dim};
       std::byte* oblock = B.out_send.data() + L.out_send.displs[j];
       float* lse = s.return_lse
-                       ? reinterpret_cast<float*>(oblock + L.out_send_block[j].lse)
+                       ? reinterpret_cast<float*>(oblock + L.out_send_block[j].lse[i])
                        : nullptr;
-      oseg[j] = {oblock, qh.size() * s.head_dim, s.head_dim, lse, qh.size()};
+      B.oseg[j] = {oblock + L.out_send_block[j].o[i], nh * s.head_dim, s.head_dim, lse, nh};
     }
-    detail::KernelProblem kp = detail::kernel_problem(s, B, qh.size(), qh.begin, kvh.begin,
+    // Rank order is token order: the segments of this piece cover rows [p.rows) exactly.
+    detail::KernelProblem kp = detail::kernel_problem(s, B, nh, p.heads.begin, kvh.begin,
                                                       L.q_start.back(), L.kv_start.back());
+    kp.q_first = p.rows.begin;
     detail::run_kernel(kp, B);
   }
   const double attn_ms = ms_since(t_attn);
@@ -320,19 +344,26 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
                L.out_recv.counts, L.out_recv.displs, L.out_max_total);
   const double x2_ms = ms_since(t_x2);
 
-  // Unpack: peer j computed heads q_heads[j] of my tokens.
+  // Unpack: peer j computed, of each of its pieces, the rows I hold.
   const auto t_unpack = Clock::now();
-  const std::int64_t lse_ts = detail::lse_token_stride(args, s);
   for (int j = 0; j < L.ranks; ++j) {
-    if (j == me || L.q_heads[j].size() == 0) continue;
+    if (j == me) continue;
     const std::byte* block = B.out_recv.data() + L.out_recv.displs[j];
-    detail::copy_heads_out(block, L.q_heads[j].size() * row, args.out, L.q_heads[j].begin,
-                           L.q_heads[j].size(), es);
-    if (args.lse) {
-      const auto* lse = reinterpret_cast<const float*>(block + L.out_recv_block[j].lse);
-      const std::int64_t n = L.q_heads[j].size();
-      for (std::int64_t t = 0; t < args.out.tokens; ++t)
-        std::memcpy(args.lse + t * lse_ts + L.q_heads[j].begin, lse + t * n, n * sizeof(float));
+    const detail::RankWork& w = L.work[j];
+    for (int i = 0; i < w.pieces; ++i) {
+      const detail::WorkPiece& p = w.piece[i];
+      const detail::RowRange rows = detail::rows_held(p, mine);
+      const std::int64_t n = p.heads.size();
+      if (rows.size() == 0) continue;
+      const std::int64_t t0 = rows.begin - mine.begin, t1 = rows.end - mine.begin;
+      detail::copy_heads_out(block + L.out_recv_block[j].o[i], n * row, args.out, t0, t1,
+                             p.heads.begin, n, es);
+      if (args.lse) {
+        const auto* lse = reinterpret_cast<const float*>(block + L.out_recv_block[j].lse[i]);
+        for (std::int64_t t = t0; t < t1; ++t)
+          std::memcpy(args.lse + t * lse_ts + p.heads.begin, lse + (t - t0) * n,
+                      n * sizeof(float));
+      }
     }
   }
   const double unpack_ms = ms_since(t_unpack);

@@ -28,14 +28,15 @@ inline double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-// Copies tokens [0, src.tokens) x heads [h0, h0 + n) of `src` to dst[t][h][:], where dst rows of one
+// Copies tokens [t0, t1) x heads [h0, h0 + n) of `src` to dst[t - t0][h][:], where dst rows of one
 // token are contiguous and tokens are `dst_token_bytes` apart.
-inline void copy_heads_in(const ConstTensor& src, std::int64_t h0, std::int64_t n, std::size_t es,
-                          std::byte* dst, std::int64_t dst_token_bytes) {
+inline void copy_heads_in(const ConstTensor& src, std::int64_t t0, std::int64_t t1, std::int64_t h0,
+                          std::int64_t n, std::size_t es, std::byte* dst,
+                          std::int64_t dst_token_bytes) {
   if (n <= 0) return;
   const std::size_t row = static_cast<std::size_t>(src.head_dim) * es;
   const auto* base = static_cast<const std::byte*>(src.data);
-  for (std::int64_t t = 0; t < src.tokens; ++t, dst += dst_token_bytes) {
+  for (std::int64_t t = t0; t < t1; ++t, dst += dst_token_bytes) {
     const std::byte* tok = base + (t * src.token_stride + h0 * src.head_stride) * es;
     if (src.head_stride == src.head_dim) {
       std::memcpy(dst, tok, row * n);
@@ -46,13 +47,20 @@ inline void copy_heads_in(const ConstTensor& src, std::int64_t h0, std::int64_t 
   }
 }
 
-// Inverse of copy_heads_in, into the caller's output (tokens [0, dst.tokens)).
+// All tokens of `src`.
+inline void copy_heads_in(const ConstTensor& src, std::int64_t h0, std::int64_t n, std::size_t es,
+                          std::byte* dst, std::int64_t dst_token_bytes) {
+  copy_heads_in(src, 0, src.tokens, h0, n, es, dst, dst_token_bytes);
+}
+
+// Inverse of copy_heads_in, into tokens [t0, t1) of the caller's output.
 inline void copy_heads_out(const std::byte* src, std::int64_t src_token_bytes, const Tensor& dst,
-                           std::int64_t h0, std::int64_t n, std::size_t es) {
+                           std::int64_t t0, std::int64_t t1, std::int64_t h0, std::int64_t n,
+                           std::size_t es) {
   if (n <= 0) return;
   const std::size_t row = static_cast<std::size_t>(dst.head_dim) * es;
   auto* base = static_cast<std::byte*>(dst.data);
-  for (std::int64_t t = 0; t < dst.tokens; ++t, src += src_token_bytes) {
+  for (std::int64_t t = t0; t < t1; ++t, src += src_token_bytes) {
     std::byte* tok = base + (t * dst.token_stride + h0 * dst.head_stride) * es;
     if (dst.head_stride == dst.head_dim) {
       std::memcpy(tok, src, row * n);
@@ -61,6 +69,12 @@ inline void copy_heads_out(const std::byte* src, std::int64_t src_token_bytes, c
         std::memcpy(tok + h * dst.head_stride * es, src + h * row, row);
     }
   }
+}
+
+// All tokens of `dst`.
+inline void copy_heads_out(const std::byte* src, std::int64_t src_token_bytes, const Tensor& dst,
+                           std::int64_t h0, std::int64_t n, std::size_t es) {
+  copy_heads_out(src, src_token_bytes, dst, 0, dst.tokens, h0, n, es);
 }
 
 // Per-phase times of one strategy step, in milliseconds.

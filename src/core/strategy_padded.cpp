@@ -48,7 +48,7 @@ void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& arg
   auto t0 = Clock::now();
   for (int j = 0; j < P; ++j) {
     std::byte* block = B.qkv_send.data() + L.qkv_send.displs[j];
-    pack_part(args.q, s.q_heads, j * hq, hq, L.q_rows, es, block + blk.q);
+    pack_part(args.q, s.q_heads, j * hq, hq, L.q_rows, es, block + blk.q[0]);
     pack_part(args.k, s.kv_heads, L.kv_head_begin[j], hkv, L.kv_rows, es, block + blk.k);
     pack_part(args.v, s.kv_heads, L.kv_head_begin[j], hkv, L.kv_rows, es, block + blk.v);
   }
@@ -70,8 +70,8 @@ void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& arg
   for (int j = 0; j < P; ++j) {
     const std::byte* block = B.qkv_recv.data() + L.qkv_recv.displs[j];
     std::byte* oblock = B.out_send.data() + L.out_send.displs[j];
-    float* lse = s.return_lse ? reinterpret_cast<float*>(oblock + L.out_block.lse) : nullptr;
-    B.qseg[j] = {block + blk.q, plan.q_lens[j], hq * s.head_dim, s.head_dim};
+    float* lse = s.return_lse ? reinterpret_cast<float*>(oblock + L.out_block.lse[0]) : nullptr;
+    B.qseg[j] = {block + blk.q[0], plan.q_lens[j], hq * s.head_dim, s.head_dim};
     B.kseg[j] = {block + blk.k, plan.kv_lens[j], hkv * s.head_dim, s.head_dim};
     B.vseg[j] = {block + blk.v, plan.kv_lens[j], hkv * s.head_dim, s.head_dim};
     B.oseg[j] = {oblock, hq * s.head_dim, s.head_dim, lse, hq};
@@ -117,7 +117,7 @@ void run_padded(Communicator& xc, const PlanData& plan, const AttentionArgs& arg
     const std::byte* block = B.out_recv.data() + L.out_recv.displs[j];
     copy_heads_out(block, hq * row, args.out, h0, n, es);
     if (args.lse) {
-      const auto* lse = reinterpret_cast<const float*>(block + L.out_block.lse);
+      const auto* lse = reinterpret_cast<const float*>(block + L.out_block.lse[0]);
       for (std::int64_t t = 0; t < args.out.tokens; ++t)
         std::memcpy(args.lse + t * lse_ts + h0, lse + t * hq, static_cast<std::size_t>(n) * sizeof(float));
     }

@@ -4,9 +4,15 @@
 // segments in global token order (segment j holds rank j's tokens: the received blocks, and for the
 // own rank the caller's buffers). Output segment i belongs to query segment i.
 //
+// The query segments may cover only a range of rows [q_first, q_first + their tokens) of the global
+// query sequence (a plan splits a head's rows between ranks when heads do not divide, see
+// plan/layout.h); q_total stays the global count that the causal alignment uses.
+//
 // Exactness contract (what makes a P-rank run bitwise equal to a 1-rank run): the arithmetic for one
 // (head, query row) depends only on that row, the global key positions and the tile size — never on
-// segment boundaries, head split, which other rows are computed, or thread count.
+// segment boundaries, head split, which other rows are computed, or thread count. Kernels tile query
+// rows from q_first; plans start row ranges only at multiples of kQueryRowGranule, so a kernel whose
+// query tile divides the granule sees exactly the tiles of the 1-rank run.
 #pragma once
 
 #include <cstddef>
@@ -16,6 +22,10 @@
 #include "uaa/types.h"
 
 namespace uaa::detail {
+
+// Row ranges of a split head start at multiples of this (global query rows). The flash kernels'
+// query tile (48 rows) divides it.
+inline constexpr std::int64_t kQueryRowGranule = 48;
 
 struct TokenSegment {
   const void* data = nullptr;  // element [t][h][d] at data + t*token_stride + h*head_stride + d
@@ -41,7 +51,8 @@ struct KernelProblem {
   std::int64_t group = 1;          // q_heads_total / kv_heads_total: q head g reads kv head g / group
   std::span<const TokenSegment> q, k, v;
   std::span<const OutSegment> out;  // same count as q
-  std::int64_t q_total = 0, kv_total = 0;
+  std::int64_t q_first = 0;  // global index of the first row of q segment 0
+  std::int64_t q_total = 0, kv_total = 0;  // global counts (causal alignment, key tiles)
   float scale = 1.0f;
   bool causal = false;  // key j visible to query i iff j <= i + kv_total - q_total
   void* scratch = nullptr;  // scratch_bytes(problem) bytes, 64-byte aligned

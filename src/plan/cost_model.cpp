@@ -46,11 +46,16 @@ CostEstimate estimate_cost(const LayoutInput& in_all, Strategy strategy, bool ca
   for (int r = 0; r < P; ++r) {
     LayoutInput in = in_all;
     in.rank = r;
+    in.causal = causal;
     RankCost& rc = c.ranks[r];
     switch (strategy) {
       case Strategy::uaa: {
         const Layout L = compute_layout(in);
-        rc.flops = per_pair * static_cast<double>(L.q_heads[r].size()) * all_pairs;
+        const RankWork& w = L.work[r];
+        for (int i = 0; i < w.pieces; ++i)
+          rc.flops += per_pair * static_cast<double>(w.piece[i].heads.size()) *
+                      visible_pairs(w.piece[i].rows.begin, w.piece[i].rows.size(), q_total,
+                                    kv_total, causal);
         rc.sent = peers(L.qkv_send, r) + peers(L.out_send, r);
         rc.received = peers(L.qkv_recv, r) + peers(L.out_recv, r);
         break;

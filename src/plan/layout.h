@@ -1,15 +1,25 @@
-// Pure layout math of a plan: head partition, per-peer byte counts and displacements of both
-// exchanges. No MPI, no I/O: unit-tested on its own (tests/unit/layout_test.cpp).
+// Pure layout math of a plan: the split of attention work over ranks, per-peer byte counts and
+// displacements of both exchanges. No MPI, no I/O: unit-tested on its own (tests/unit/layout_test.cpp).
+//
+// Work split. The (query head, global query row) pairs, head-major, are cut into P contiguous ranges
+// of about equal attention work (a row's work: the keys it sees, plus one). Cuts fall on multiples of
+// kQueryRowGranule rows, so when the heads divide by P every rank gets whole heads (plain Ulysses);
+// otherwise a head's rows may be shared by two ranks (30 heads on 4 ranks: 7.5 heads each, not
+// 8/8/7/7). A rank's range is at most three pieces: the tail rows of its first head, whole heads,
+// the head rows of its last head. It receives the key/value heads its pieces read (a shared head's
+// keys and values go to both ranks sharing it).
 //
 // The q/k/v exchange block that rank r sends to peer j (j != r) is
-//   [Q: Sq[r] x nq(j) x D | K: Skv[r] x nkv(j) x D | V: same as K]
-// with each part starting on a 64-byte boundary inside the block. Received blocks are ordered by
-// source rank, i.e. by global token position. The output block that rank r sends to peer j is
-//   [O: Sq[j] x nq(r) x D | lse: Sq[j] x nq(r) floats (only with return_lse)]
-// The rank's own block never travels: the kernel reads the caller's input and writes the caller's
-// output for it directly, so self counts are zero.
+//   [Q piece 0 | Q piece 1 | Q piece 2 | K: Skv[r] x nkv(j) x D | V: same as K]
+// where Q piece i holds r's tokens that fall in the rows of j's piece i, [rows][piece heads][D];
+// each part starts on a 64-byte boundary. Received blocks are ordered by source rank, i.e. by global
+// token position. The output block that rank r sends to peer j is
+//   [O piece 0 | O piece 1 | O piece 2 | lse piece 0 | lse piece 1 | lse piece 2]
+// over j's tokens in r's pieces (lse only with return_lse). The rank's own block never travels: the
+// kernel reads the caller's input and writes the caller's output for it directly.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -24,23 +34,65 @@ struct HeadRange {
   std::int64_t size() const { return end - begin; }
 };
 
-// Query heads of `rank`: contiguous, sizes differ by at most one, lower ranks get the extra heads.
-HeadRange q_heads_of(std::int64_t q_heads, int ranks, int rank);
-// Key/value heads that `rank`'s query heads read (empty when it owns no query heads).
-HeadRange kv_heads_of(std::int64_t q_heads, std::int64_t kv_heads, int ranks, int rank);
+// Global query rows [begin, end).
+struct RowRange {
+  std::int64_t begin = 0, end = 0;
+  std::int64_t size() const { return end > begin ? end - begin : 0; }
+};
+
+// Query heads `heads` over global query rows `rows`.
+struct WorkPiece {
+  HeadRange heads;
+  RowRange rows;
+};
+
+inline constexpr int kMaxPieces = 3;
+
+// One rank's share of the attention work.
+struct RankWork {
+  // [(first_head, first_row), (end_head, end_row)) in head-major (head, row) order.
+  std::int64_t first_head = 0, first_row = 0, end_head = 0, end_row = 0;
+  int pieces = 0;
+  std::array<WorkPiece, kMaxPieces> piece{};
+  HeadRange q_heads;   // heads of which this rank computes some rows
+  HeadRange kv_heads;  // key/value heads its pieces read (received whole)
+};
+
+struct WorkInput {
+  std::int64_t q_heads = 0, kv_heads = 0, q_total = 0, kv_total = 0;
+  bool causal = false;
+  int ranks = 1;
+};
+
+// The split described above, one entry per rank. Precondition: validated shape.
+std::vector<RankWork> split_work(const WorkInput& in);
+
+// Rows of `p` held by the rank whose tokens are [tokens.begin, tokens.end) (maybe empty).
+inline RowRange rows_held(const WorkPiece& p, RowRange tokens) {
+  return {p.rows.begin > tokens.begin ? p.rows.begin : tokens.begin,
+          p.rows.end < tokens.end ? p.rows.end : tokens.end};
+}
+
+// One piece: `q_heads` heads over rows [0, rows), reading `kv_heads` key/value heads (the blocks of
+// the comparison strategies, which split whole heads; no piece when q_heads is 0).
+RankWork uniform_work(std::int64_t q_heads, std::int64_t rows, std::int64_t kv_heads);
 
 // Offsets of the parts inside one q/k/v block, in bytes from the block start.
 struct QkvBlock {
-  std::int64_t q = 0, k = 0, v = 0, bytes = 0;
+  std::array<std::int64_t, kMaxPieces> q{};
+  std::int64_t k = 0, v = 0, bytes = 0;
 };
-QkvBlock qkv_block(std::int64_t q_tokens, std::int64_t kv_tokens, std::int64_t q_heads,
-                   std::int64_t kv_heads, std::int64_t row_bytes);
+// The block a rank holding query tokens `tokens` and `kv_tokens` keys sends to a rank doing `work`.
+QkvBlock qkv_block(RowRange tokens, std::int64_t kv_tokens, const RankWork& work,
+                   std::int64_t row_bytes);
 
 // Offsets inside one output block, in bytes from the block start.
 struct OutBlock {
-  std::int64_t lse = 0, bytes = 0;  // O starts at 0
+  std::array<std::int64_t, kMaxPieces> o{}, lse{};
+  std::int64_t bytes = 0;
 };
-OutBlock out_block(std::int64_t tokens, std::int64_t heads, std::int64_t row_bytes, bool with_lse);
+// The block a rank doing `work` returns to the rank holding query tokens `tokens`.
+OutBlock out_block(RowRange tokens, const RankWork& work, std::int64_t row_bytes, bool with_lse);
 
 // One side (send or receive) of one exchange: bytes per peer and where each peer's block starts.
 struct ExchangeSide {
@@ -52,13 +104,15 @@ struct LayoutInput {
   std::vector<std::int64_t> q_lens, kv_lens;  // one per rank
   std::int64_t q_heads = 0, kv_heads = 0, head_dim = 0, elem_bytes = 0;
   bool with_lse = false;
+  bool causal = false;  // weighs rows by the keys they see in the work split
   int rank = 0;
 };
 
 struct Layout {
   int ranks = 0, rank = 0;
   std::vector<std::int64_t> q_start, kv_start;  // global offset of each rank's tokens (size ranks+1)
-  std::vector<HeadRange> q_heads, kv_heads;     // per rank
+  std::vector<RankWork> work;                   // per rank
+  RowRange q_tokens(int r) const { return {q_start[r], q_start[r + 1]}; }
   ExchangeSide qkv_send, qkv_recv, out_send, out_recv;
   std::vector<QkvBlock> qkv_send_block, qkv_recv_block;  // per peer
   std::vector<OutBlock> out_send_block, out_recv_block;  // per peer
@@ -74,6 +128,9 @@ Layout compute_layout(const LayoutInput& in);
 struct ExchangeTotals {
   std::int64_t qkv_send = 0, qkv_recv = 0, out_send = 0, out_recv = 0;
 };
-ExchangeTotals exchange_totals(const LayoutInput& in, int rank);
+ExchangeTotals exchange_totals(const LayoutInput& in, const std::vector<std::int64_t>& q_start,
+                               const std::vector<RankWork>& work, int rank);
+
+WorkInput work_input(const LayoutInput& in);
 
 }  // namespace uaa::detail

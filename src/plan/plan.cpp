@@ -95,6 +95,7 @@ std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
   in.head_dim = d->shape.head_dim;
   in.elem_bytes = static_cast<std::int64_t>(dtype_size(d->shape.dtype));
   in.with_lse = d->shape.return_lse;
+  in.causal = d->shape.causal;
   in.rank = comm.rank();
   d->layout = compute_layout(in);
   if (d->shape.strategy == Strategy::ulysses || d->shape.strategy == Strategy::ulysses_pad)
@@ -259,10 +260,14 @@ std::int64_t Plan::q_tokens() const { return data_->q_lens[rank()]; }
 std::int64_t Plan::kv_tokens() const { return data_->kv_lens[rank()]; }
 std::int64_t Plan::q_total() const { return data_->layout.q_start.back(); }
 std::int64_t Plan::kv_total() const { return data_->layout.kv_start.back(); }
-std::int64_t Plan::q_head_begin(int r) const { return data_->layout.q_heads.at(r).begin; }
-std::int64_t Plan::q_head_end(int r) const { return data_->layout.q_heads.at(r).end; }
-std::int64_t Plan::kv_head_begin(int r) const { return data_->layout.kv_heads.at(r).begin; }
-std::int64_t Plan::kv_head_end(int r) const { return data_->layout.kv_heads.at(r).end; }
+std::int64_t Plan::q_head_begin(int r) const { return data_->layout.work.at(r).q_heads.begin; }
+std::int64_t Plan::q_head_end(int r) const { return data_->layout.work.at(r).q_heads.end; }
+std::int64_t Plan::kv_head_begin(int r) const { return data_->layout.work.at(r).kv_heads.begin; }
+std::int64_t Plan::kv_head_end(int r) const { return data_->layout.work.at(r).kv_heads.end; }
+WorkRange Plan::work(int r) const {
+  const detail::RankWork& w = data_->layout.work.at(r);
+  return {w.first_head, w.first_row, w.end_head, w.end_row};
+}
 std::uint64_t Plan::fingerprint() const { return data_->fingerprint; }
 
 namespace {
@@ -329,8 +334,10 @@ std::string Plan::describe() const {
   return cat("plan ", ranks(), " ranks, q_lens ", detail::list(q_lens()), " (total ", q_total(),
              "), kv_lens ", detail::list(kv_lens()), " (total ", kv_total(), "), heads ", s.q_heads,
              "/", s.kv_heads, " x ", s.head_dim, " ", dtype_name(s.dtype),
-             s.causal ? " causal" : "", ", strategy ", strategy_name(s.strategy), "; rank ", r, " owns q heads [", q_head_begin(r), ",",
-             q_head_end(r), ") kv heads [", kv_head_begin(r), ",", kv_head_end(r), ")");
+             s.causal ? " causal" : "", ", strategy ", strategy_name(s.strategy), "; rank ", r,
+             " computes (head, row)  [(", work(r).first_head, ",", work(r).first_row, "), (",
+             work(r).end_head, ",", work(r).end_row, ")) reading kv heads [", kv_head_begin(r), ",",
+             kv_head_end(r), ")");
 }
 
 }  // namespace uaa

@@ -48,8 +48,9 @@ PaddedLayout compute_padded_layout(const LayoutInput& in) {
     L.kv_heads_per_rank = std::max(L.kv_heads_per_rank, last / g - first / g + 1);
   }
   const std::int64_t row = in.head_dim * in.elem_bytes;
-  L.qkv_block = qkv_block(L.q_rows, L.kv_rows, L.q_heads_per_rank, L.kv_heads_per_rank, row);
-  L.out_block = out_block(L.q_rows, L.q_heads_per_rank, row, in.with_lse);
+  const RankWork w = uniform_work(L.q_heads_per_rank, L.q_rows, L.kv_heads_per_rank);
+  L.qkv_block = qkv_block({0, L.q_rows}, L.kv_rows, w, row);
+  L.out_block = out_block({0, L.q_rows}, w, row, in.with_lse);
   place_uniform(L.qkv_send, L.ranks, L.qkv_block.bytes);
   place_uniform(L.qkv_recv, L.ranks, L.qkv_block.bytes);
   place_uniform(L.out_send, L.ranks, L.out_block.bytes);
@@ -66,12 +67,13 @@ GatherLayout compute_gather_layout(const LayoutInput& in) {
   L.ranks = static_cast<int>(in.q_lens.size());
   L.rank = in.rank;
   const std::int64_t row = in.head_dim * in.elem_bytes;
-  L.send_block = qkv_block(0, in.kv_lens[in.rank], 0, in.kv_heads, row);
+  const RankWork kv_only = uniform_work(0, 0, in.kv_heads);
+  L.send_block = qkv_block({0, 0}, in.kv_lens[in.rank], kv_only, row);
   L.recv_block.resize(L.ranks);
   std::vector<std::int64_t> recv_bytes(L.ranks, 0);
   std::int64_t largest = 0;
   for (int j = 0; j < L.ranks; ++j) {
-    const QkvBlock b = qkv_block(0, in.kv_lens[j], 0, in.kv_heads, row);
+    const QkvBlock b = qkv_block({0, 0}, in.kv_lens[j], kv_only, row);
     largest = std::max(largest, b.bytes);
     if (j == in.rank) continue;
     L.recv_block[j] = b;

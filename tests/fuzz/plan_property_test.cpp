@@ -80,20 +80,25 @@ std::string check(const Case& c) {
   }
   const std::int64_t Hq = c.shape.q_heads, Hkv = c.shape.kv_heads, D = c.shape.head_dim;
   const std::int64_t g = Hq / Hkv, es = dtype_size(c.shape.dtype);
-  // Head partition.
+  // Work split: contiguous head-major ranges, whole heads when they divide, each rank receiving
+  // exactly the kv heads its pieces read (the unit tests check coverage and balance in depth).
   const detail::Layout& L0 = plans[0].data().layout;
-  std::int64_t next = 0, lo = Hq, hi = 0;
+  std::int64_t at_head = 0, at_row = 0, q_total = 0;
+  for (std::int64_t x : c.q) q_total += x;
   for (int r = 0; r < P; ++r) {
-    const auto qh = L0.q_heads[r], kvh = L0.kv_heads[r];
-    if (qh.begin != next) return "q head ranges not contiguous";
-    next = qh.end;
-    lo = std::min(lo, qh.size());
-    hi = std::max(hi, qh.size());
-    if (qh.size() > 0 && (kvh.begin != qh.begin / g || kvh.end != (qh.end - 1) / g + 1))
+    const detail::RankWork& w = L0.work[r];
+    if (q_total > 0 && (w.first_head != at_head || w.first_row != at_row))
+      return "work range of rank " + std::to_string(r) + " does not follow its predecessor's";
+    at_head = w.end_head;
+    at_row = w.end_row;
+    if (q_total > 0 && Hq % P == 0 && (w.pieces != 1 || w.piece[0].heads.size() != Hq / P))
+      return "heads divide but rank " + std::to_string(r) + " does not get whole heads";
+    if (w.pieces > 0 && (w.kv_heads.begin != w.q_heads.begin / g ||
+                         w.kv_heads.end != (w.q_heads.end - 1) / g + 1))
       return "kv range of rank " + std::to_string(r) + " is not what its q heads read";
-    if (qh.size() == 0 && kvh.size() != 0) return "kv heads for a rank without q heads";
+    if (w.pieces == 0 && w.kv_heads.size() != 0) return "kv heads for a rank without work";
   }
-  if (next != Hq || hi - lo > 1) return "head partition does not cover or is unbalanced";
+  if (q_total > 0 && (at_head != Hq || at_row != 0)) return "work split does not cover all heads";
   // Pairwise agreement and the simulated round trip, per exchange.
   std::vector<std::int64_t> q0(P + 1, 0), kv0(P + 1, 0);
   for (int r = 0; r < P; ++r) {
@@ -130,11 +135,18 @@ std::string check(const Case& c) {
       if (j == i) continue;
       unsigned char* blk = send[i].data() + L.qkv_send.displs[j];
       const auto& b = L.qkv_send_block[j];
-      const auto qh = L.q_heads[j], kvh = L.kv_heads[j];
-      for (std::int64_t t = 0; t < c.q[i]; ++t)
-        for (std::int64_t h = 0; h < qh.size(); ++h)
-          for (std::int64_t d = 0; d < D; ++d)
-            put(blk + b.q + ((t * qh.size() + h) * D + d) * es, value(0, q0[i] + t, qh.begin + h, d));
+      const detail::RankWork& wj = L.work[j];
+      const auto kvh = wj.kv_heads;
+      for (int pi = 0; pi < wj.pieces; ++pi) {
+        const detail::WorkPiece& pc = wj.piece[pi];
+        const detail::RowRange rows = detail::rows_held(pc, L.q_tokens(i));
+        const std::int64_t nh = pc.heads.size();
+        for (std::int64_t t = rows.begin; t < rows.end; ++t)
+          for (std::int64_t h = 0; h < nh; ++h)
+            for (std::int64_t d = 0; d < D; ++d)
+              put(blk + b.q[pi] + (((t - rows.begin) * nh + h) * D + d) * es,
+                  value(0, t, pc.heads.begin + h, d));
+      }
       for (std::int64_t t = 0; t < c.kv[i]; ++t)
         for (std::int64_t h = 0; h < kvh.size(); ++h)
           for (std::int64_t d = 0; d < D; ++d) {
@@ -142,16 +154,23 @@ std::string check(const Case& c) {
             put(blk + b.k + at, value(1, kv0[i] + t, kvh.begin + h, d));
             put(blk + b.v + at, value(2, kv0[i] + t, kvh.begin + h, d));
           }
-      // Output: rank i computed heads q_heads[i] of rank j's tokens.
+      // Output: rank i computed its pieces' rows of rank j's tokens.
       unsigned char* oblk = osend[i].data() + L.out_send.displs[j];
-      const auto myq = L.q_heads[i];
-      for (std::int64_t t = 0; t < c.q[j]; ++t)
-        for (std::int64_t h = 0; h < myq.size(); ++h) {
-          for (std::int64_t d = 0; d < D; ++d)
-            put(oblk + ((t * myq.size() + h) * D + d) * es, value(3, q0[j] + t, myq.begin + h, d));
-          if (c.shape.return_lse)
-            put(oblk + L.out_send_block[j].lse + (t * myq.size() + h) * 4, value(4, q0[j] + t, myq.begin + h, 0));
-        }
+      const detail::RankWork& wi = L.work[i];
+      for (int pi = 0; pi < wi.pieces; ++pi) {
+        const detail::WorkPiece& pc = wi.piece[pi];
+        const detail::RowRange rows = detail::rows_held(pc, L.q_tokens(j));
+        const std::int64_t nh = pc.heads.size();
+        for (std::int64_t t = rows.begin; t < rows.end; ++t)
+          for (std::int64_t h = 0; h < nh; ++h) {
+            const std::int64_t k = (t - rows.begin) * nh + h;
+            for (std::int64_t d = 0; d < D; ++d)
+              put(oblk + L.out_send_block[j].o[pi] + (k * D + d) * es,
+                  value(3, t, pc.heads.begin + h, d));
+            if (c.shape.return_lse)
+              put(oblk + L.out_send_block[j].lse[pi] + k * 4, value(4, t, pc.heads.begin + h, 0));
+          }
+      }
     }
   }
   // Fake exchange: the bytes i sends to j land where j expects i's block.
@@ -174,16 +193,23 @@ std::string check(const Case& c) {
   // Receivers read back with their own layout.
   for (int j = 0; j < P; ++j) {
     const detail::Layout& L = plans[j].data().layout;
-    const auto qh = L.q_heads[j], kvh = L.kv_heads[j];
+    const detail::RankWork& wj = L.work[j];
+    const auto kvh = wj.kv_heads;
     for (int i = 0; i < P; ++i) {
       if (i == j) continue;
       const unsigned char* blk = recv[j].data() + L.qkv_recv.displs[i];
       const auto& b = L.qkv_recv_block[i];
-      for (std::int64_t t = 0; t < c.q[i]; ++t)
-        for (std::int64_t h = 0; h < qh.size(); ++h)
-          for (std::int64_t d = 0; d < D; ++d)
-            if (get(blk + b.q + ((t * qh.size() + h) * D + d) * es) != value(0, q0[i] + t, qh.begin + h, d))
-              return "q element lost from rank " + std::to_string(i) + " to " + std::to_string(j);
+      for (int pi = 0; pi < wj.pieces; ++pi) {
+        const detail::WorkPiece& pc = wj.piece[pi];
+        const detail::RowRange rows = detail::rows_held(pc, L.q_tokens(i));
+        const std::int64_t nh = pc.heads.size();
+        for (std::int64_t t = rows.begin; t < rows.end; ++t)
+          for (std::int64_t h = 0; h < nh; ++h)
+            for (std::int64_t d = 0; d < D; ++d)
+              if (get(blk + b.q[pi] + (((t - rows.begin) * nh + h) * D + d) * es) !=
+                  value(0, t, pc.heads.begin + h, d))
+                return "q element lost from rank " + std::to_string(i) + " to " + std::to_string(j);
+      }
       for (std::int64_t t = 0; t < c.kv[i]; ++t)
         for (std::int64_t h = 0; h < kvh.size(); ++h)
           for (std::int64_t d = 0; d < D; ++d) {
@@ -193,16 +219,23 @@ std::string check(const Case& c) {
               return "k/v element lost from rank " + std::to_string(i) + " to " + std::to_string(j);
           }
       const unsigned char* oblk = orecv[j].data() + L.out_recv.displs[i];
-      const auto theirs = L.q_heads[i];
-      for (std::int64_t t = 0; t < c.q[j]; ++t)
-        for (std::int64_t h = 0; h < theirs.size(); ++h) {
-          for (std::int64_t d = 0; d < D; ++d)
-            if (get(oblk + ((t * theirs.size() + h) * D + d) * es) != value(3, q0[j] + t, theirs.begin + h, d))
-              return "out element lost from rank " + std::to_string(i) + " to " + std::to_string(j);
-          if (c.shape.return_lse &&
-              get(oblk + L.out_recv_block[i].lse + (t * theirs.size() + h) * 4) != value(4, q0[j] + t, theirs.begin + h, 0))
-            return "lse element lost";
-        }
+      const detail::RankWork& wi = L.work[i];
+      for (int pi = 0; pi < wi.pieces; ++pi) {
+        const detail::WorkPiece& pc = wi.piece[pi];
+        const detail::RowRange rows = detail::rows_held(pc, L.q_tokens(j));
+        const std::int64_t nh = pc.heads.size();
+        for (std::int64_t t = rows.begin; t < rows.end; ++t)
+          for (std::int64_t h = 0; h < nh; ++h) {
+            const std::int64_t k = (t - rows.begin) * nh + h;
+            for (std::int64_t d = 0; d < D; ++d)
+              if (get(oblk + L.out_recv_block[i].o[pi] + (k * D + d) * es) !=
+                  value(3, t, pc.heads.begin + h, d))
+                return "out element lost from rank " + std::to_string(i) + " to " + std::to_string(j);
+            if (c.shape.return_lse &&
+                get(oblk + L.out_recv_block[i].lse[pi] + k * 4) != value(4, t, pc.heads.begin + h, 0))
+              return "lse element lost";
+          }
+      }
     }
   }
   return {};

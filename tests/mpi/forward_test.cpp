@@ -328,6 +328,13 @@ const Case kCases[] = {
     // Longer sequences: keys span several 64-key tiles of the kernel.
     {2, 1, 16, true, true, Cross::self, Mix::mixed, true, Lens::random, 150, 40},
     {3, 3, 8, false, false, Cross::kv_longer, Mix::padded, false, Lens::random, 150, 41},
+    // Heads that do not divide by the ranks over enough rows that ranks share a head's rows
+    // (cuts at multiples of 48 rows; see RowSplitIsExercised below).
+    {1, 1, 32, true, true, Cross::self, Mix::mixed, true, Lens::random, 300, 42},
+    {3, 1, 16, true, false, Cross::kv_shorter, Mix::head_major, false, Lens::random, 300, 43},
+    {5, 5, 8, false, true, Cross::kv_longer, Mix::padded, true, Lens::random, 300, 44},
+    {30, 15, 8, true, true, Cross::self, Mix::contiguous, false, Lens::random, 200, 45},
+    {3, 3, 64, true, true, Cross::self, Mix::contiguous, true, Lens::random, 300, 64, 0, DType::bf16},
     // A caller-chosen scale (large, to stress the softmax range) and a negative one.
     {4, 2, 16, true, true, Cross::self, Mix::contiguous, true, Lens::random, 69, 50, 2.5f},
     {4, 4, 16, false, true, Cross::kv_longer, Mix::mixed, false, Lens::random, 69, 51, -0.7f},
@@ -356,6 +363,23 @@ Problem reuse_problem(int P, std::uint64_t seed, std::int64_t max_len, bool lse)
   s.causal = true;
   s.return_lse = lse;
   return make_problem(s, q, kv, seed);
+}
+
+// The cases above share heads between ranks; make sure the split really happens at this world size.
+TEST(Forward, RowSplitIsExercised) {
+  const int P = world_size();
+  if (P < 2) GTEST_SKIP() << "one rank computes everything";
+  auto comm = make_mpi_communicator(MPI_COMM_WORLD);
+  AttentionShape s;
+  s.q_heads = 1;
+  s.head_dim = 8;
+  const std::vector<std::int64_t> lens(P, 150);
+  const Plan plan = Plan::from_lengths(*comm, s, lens, lens);
+  for (int r = 0; r + 1 < P; ++r) {
+    EXPECT_EQ(plan.work(r).end_head, 0) << "rank " << r;
+    EXPECT_GT(plan.work(r).end_row, 0) << "rank " << r;
+    EXPECT_EQ(plan.work(r).end_row % 48, 0) << "rank " << r;
+  }
 }
 
 TEST(Workspace, LaterCallsWithTheSamePlanAllocateNothingAndRepeatExactly) {

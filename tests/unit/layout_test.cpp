@@ -20,10 +20,16 @@ using uaa::detail::compute_layout;
 using uaa::detail::ExchangeSide;
 using uaa::detail::HeadRange;
 using uaa::detail::kBlockAlign;
-using uaa::detail::kv_heads_of;
 using uaa::detail::Layout;
 using uaa::detail::LayoutInput;
-using uaa::detail::q_heads_of;
+using uaa::detail::RankWork;
+using uaa::detail::RowRange;
+using uaa::detail::rows_held;
+using uaa::detail::split_work;
+using uaa::detail::WorkInput;
+using uaa::detail::WorkPiece;
+
+constexpr std::int64_t kGranule = 48;  // kQueryRowGranule
 
 std::vector<std::int64_t> divisors(std::int64_t n) {
   std::vector<std::int64_t> d;
@@ -32,71 +38,147 @@ std::vector<std::int64_t> divisors(std::int64_t n) {
   return d;
 }
 
-TEST(HeadPartition, ContiguousBalancedAndComplete) {
-  for (std::int64_t heads = 1; heads <= 70; ++heads) {
-    for (int ranks = 1; ranks <= 72; ++ranks) {
-      SCOPED_TRACE(::testing::Message() << "heads " << heads << " ranks " << ranks);
-      std::vector<int> owner(heads, -1);
-      std::int64_t expect_begin = 0, min_size = heads, max_size = 0, empty = 0;
-      for (int r = 0; r < ranks; ++r) {
-        const HeadRange h = q_heads_of(heads, ranks, r);
-        ASSERT_EQ(h.begin, expect_begin) << "rank " << r << " is not contiguous with rank " << r - 1;
-        ASSERT_GE(h.size(), 0);
-        for (std::int64_t x = h.begin; x < h.end; ++x) {
-          ASSERT_EQ(owner[x], -1) << "head " << x << " owned twice";
-          owner[x] = r;
-        }
-        // Documented: lower ranks get the extra heads, so sizes never increase with the rank.
-        if (r > 0) {
-          EXPECT_LE(h.size(), q_heads_of(heads, ranks, r - 1).size());
-        }
-        min_size = std::min(min_size, h.size());
-        max_size = std::max(max_size, h.size());
-        empty += h.size() == 0;
-        expect_begin = h.end;
-      }
-      EXPECT_EQ(expect_begin, heads) << "heads not all covered";
-      EXPECT_LE(max_size - min_size, 1);
-      EXPECT_EQ(empty, ranks > heads ? ranks - heads : 0);
-      for (std::int64_t x = 0; x < heads; ++x) EXPECT_NE(owner[x], -1) << "head " << x;
-    }
-  }
+// Brute force: keys global query row i sees, plus one (the split's weight of a row).
+std::int64_t row_weight(const WorkInput& in, std::int64_t i) {
+  std::int64_t keys = in.kv_total;
+  if (in.causal) keys = std::clamp<std::int64_t>(i + in.kv_total - in.q_total + 1, 0, in.kv_total);
+  return keys + 1;
 }
 
-TEST(HeadPartition, KvHeadsAreExactlyTheOnesReadBruteForce) {
-  const std::int64_t q_heads_list[] = {1, 2, 3, 4, 6, 7, 8, 12, 16, 24, 30, 32, 40, 64};
-  for (std::int64_t hq : q_heads_list) {
-    for (std::int64_t hkv : divisors(hq)) {
-      const std::int64_t group = hq / hkv;
-      for (int ranks = 1; ranks <= 12; ++ranks) {
-        SCOPED_TRACE(::testing::Message()
-                     << "q_heads " << hq << " kv_heads " << hkv << " ranks " << ranks);
-        std::vector<int> readers(hkv, 0);
-        for (int r = 0; r < ranks; ++r) {
-          const HeadRange q = q_heads_of(hq, ranks, r);
-          std::set<std::int64_t> needed;
-          for (std::int64_t h = q.begin; h < q.end; ++h) needed.insert(h / group);
-          const HeadRange kv = kv_heads_of(hq, hkv, ranks, r);
-          std::set<std::int64_t> got;
-          for (std::int64_t h = kv.begin; h < kv.end; ++h) got.insert(h);
-          EXPECT_EQ(got, needed) << "rank " << r;
-          EXPECT_GE(kv.begin, 0);
-          EXPECT_LE(kv.end, hkv);
-          for (std::int64_t h : got) ++readers[h];
-        }
-        // No full replication: a kv head goes only to ranks owning one of its query heads.
-        for (std::int64_t h = 0; h < hkv; ++h) {
-          int owners = 0;
-          for (int r = 0; r < ranks; ++r) {
-            const HeadRange q = q_heads_of(hq, ranks, r);
-            owners += q.begin < (h + 1) * group && h * group < q.end;
-          }
-          EXPECT_EQ(readers[h], owners) << "kv head " << h;
-          EXPECT_GE(readers[h], 1) << "kv head " << h << " received by no rank";
+std::int64_t work_of(const WorkInput& in, const RankWork& w) {
+  std::int64_t sum = 0;
+  for (int i = 0; i < w.pieces; ++i)
+    for (std::int64_t r = w.piece[i].rows.begin; r < w.piece[i].rows.end; ++r)
+      sum += row_weight(in, r) * w.piece[i].heads.size();
+  return sum;
+}
+
+// Every (head, row) pair is computed by exactly one rank, ranks follow each other in head-major
+// order, cuts inside a head fall on granule multiples, pieces describe exactly the range.
+void check_split(const WorkInput& in) {
+  SCOPED_TRACE(::testing::Message() << "heads " << in.q_heads << "/" << in.kv_heads << " q "
+                                    << in.q_total << " kv " << in.kv_total << " causal "
+                                    << in.causal << " ranks " << in.ranks);
+  const std::vector<RankWork> work = split_work(in);
+  ASSERT_EQ(static_cast<int>(work.size()), in.ranks);
+  const std::int64_t H = in.q_heads, S = in.q_total, group = in.q_heads / in.kv_heads;
+  std::vector<int> owner(static_cast<std::size_t>(H * S), -1);
+  std::int64_t at_head = 0, at_row = 0;
+  for (int r = 0; r < in.ranks; ++r) {
+    const RankWork& w = work[r];
+    SCOPED_TRACE(::testing::Message() << "rank " << r);
+    if (S > 0) {
+      ASSERT_EQ(w.first_head, at_head);
+      ASSERT_EQ(w.first_row, at_row);
+    }
+    EXPECT_EQ(w.first_row % kGranule, 0);
+    EXPECT_EQ(w.end_row % kGranule, 0);
+    EXPECT_LT(w.first_row, std::max<std::int64_t>(S, 1));
+    ASSERT_LE(w.pieces, 3);
+    std::set<std::int64_t> kv_needed;
+    for (int i = 0; i < w.pieces; ++i) {
+      const WorkPiece& p = w.piece[i];
+      EXPECT_GT(p.heads.size(), 0);
+      EXPECT_GT(p.rows.size(), 0);
+      EXPECT_GE(p.rows.begin, 0);
+      EXPECT_LE(p.rows.end, S);
+      if (p.heads.size() > 1) {
+        EXPECT_TRUE(p.rows.begin == 0 && p.rows.end == S);
+      }
+      for (std::int64_t h = p.heads.begin; h < p.heads.end; ++h) {
+        kv_needed.insert(h / group);
+        for (std::int64_t row = p.rows.begin; row < p.rows.end; ++row) {
+          int& o = owner[static_cast<std::size_t>(h * S + row)];
+          ASSERT_EQ(o, -1) << "(" << h << ", " << row << ") computed twice";
+          o = r;
         }
       }
     }
+    std::set<std::int64_t> kv_got;
+    for (std::int64_t h = w.kv_heads.begin; h < w.kv_heads.end; ++h) kv_got.insert(h);
+    EXPECT_EQ(kv_got, kv_needed) << "key/value heads received are not exactly the ones read";
+    if (w.pieces > 0) {
+      EXPECT_EQ(w.q_heads.begin, w.piece[0].heads.begin);
+      EXPECT_EQ(w.q_heads.end, w.piece[w.pieces - 1].heads.end);
+    }
+    at_head = w.end_head;
+    at_row = w.end_row;
   }
+  if (S > 0 && H > 0) {
+    EXPECT_EQ(at_head, H);
+    EXPECT_EQ(at_row, 0);
+  }
+  for (std::size_t i = 0; i < owner.size(); ++i)
+    ASSERT_NE(owner[i], -1) << "(" << i / S << ", " << i % S << ") computed by nobody";
+
+  // Whole heads, in the plain Ulysses ranges, when the heads divide.
+  if (S > 0 && H % in.ranks == 0) {
+    for (int r = 0; r < in.ranks; ++r) {
+      const RankWork& w = work[r];
+      ASSERT_EQ(w.pieces, 1) << "rank " << r;
+      EXPECT_EQ(w.piece[0].heads.begin, r * H / in.ranks);
+      EXPECT_EQ(w.piece[0].heads.end, (r + 1) * H / in.ranks);
+      EXPECT_EQ(w.piece[0].rows.begin, 0);
+      EXPECT_EQ(w.piece[0].rows.end, S);
+    }
+  }
+  // Balanced: no rank exceeds the ideal share by more than one granule of its heaviest rows.
+  std::int64_t total = 0, heaviest_granule = 0;
+  for (std::int64_t row = 0; row < S; ++row) total += row_weight(in, row);
+  for (std::int64_t row = std::max<std::int64_t>(0, S - kGranule); row < S; ++row)
+    heaviest_granule += row_weight(in, row);
+  total *= H;
+  for (int r = 0; r < in.ranks; ++r)
+    EXPECT_LE(work_of(in, work[r]) * in.ranks, total + 2 * heaviest_granule * in.ranks)
+        << "rank " << r << " does " << work_of(in, work[r]) << " of " << total;
+}
+
+TEST(WorkSplit, TilesBalancesAndReadsExactlyItsKvHeads) {
+  const std::int64_t heads[] = {1, 2, 3, 7, 8, 24, 30};
+  const std::int64_t lens[] = {0, 1, 47, 48, 49, 100, 1000, 4097};
+  for (std::int64_t hq : heads)
+    for (std::int64_t hkv : divisors(hq))
+      for (std::int64_t S : lens)
+        for (int ranks : {1, 2, 3, 4, 5, 8, 16, 33})
+          for (bool causal : {false, true}) {
+            WorkInput in;
+            in.q_heads = hq;
+            in.kv_heads = hkv;
+            in.q_total = S;
+            in.kv_total = causal ? S + S / 3 : S / 2 + 1;
+            in.causal = causal;
+            in.ranks = ranks;
+            check_split(in);
+            if (::testing::Test::HasFatalFailure()) return;
+          }
+}
+
+TEST(WorkSplit, ThirtyHeadsOnFourRanksAreSevenAndAHalfEach) {
+  WorkInput in;
+  in.q_heads = in.kv_heads = 30;
+  in.q_total = in.kv_total = 4096;
+  in.ranks = 4;
+  const std::vector<RankWork> w = split_work(in);
+  // 7.5 heads per rank: rank 0 ends half-way (at a granule) through head 7.
+  EXPECT_EQ(w[0].first_head, 0);
+  EXPECT_EQ(w[0].end_head, 7);
+  EXPECT_EQ(w[0].end_row, 2064);  // first multiple of 48 at or past 2048
+  EXPECT_EQ(w[1].first_head, 7);
+  EXPECT_EQ(w[1].first_row, 2064);
+  EXPECT_EQ(w[1].end_head, 15);
+  EXPECT_EQ(w[1].end_row, 0);
+  EXPECT_EQ(w[0].kv_heads.end, 8);    // head 7's keys and values go to ranks 0 and 1
+  EXPECT_EQ(w[1].kv_heads.begin, 7);
+}
+
+TEST(WorkSplit, MoreRanksThanHeadsKeepsEveryRankBusy) {
+  WorkInput in;
+  in.q_heads = 24;
+  in.kv_heads = 8;
+  in.q_total = in.kv_total = 4481;
+  in.ranks = 32;
+  for (const RankWork& w : split_work(in)) EXPECT_GE(w.pieces, 1);
+  check_split(in);
 }
 
 // ---- compute_layout -------------------------------------------------------------------------------
@@ -104,7 +186,7 @@ TEST(HeadPartition, KvHeadsAreExactlyTheOnesReadBruteForce) {
 struct Config {
   std::vector<std::int64_t> q_lens, kv_lens;
   std::int64_t q_heads = 1, kv_heads = 1, head_dim = 1, elem_bytes = 4;
-  bool with_lse = false;
+  bool with_lse = false, causal = false;
 
   std::string str() const {
     std::ostringstream os;
@@ -113,7 +195,7 @@ struct Config {
     os << "] kv_lens [";
     for (auto v : kv_lens) os << v << ' ';
     os << "] heads " << q_heads << "/" << kv_heads << " dim " << head_dim << " elem " << elem_bytes
-       << " lse " << with_lse;
+       << " lse " << with_lse << " causal " << causal;
     return os.str();
   }
 };
@@ -129,6 +211,7 @@ std::vector<Layout> layouts_of_all_ranks(const Config& c) {
     in.head_dim = c.head_dim;
     in.elem_bytes = c.elem_bytes;
     in.with_lse = c.with_lse;
+    in.causal = c.causal;
     in.rank = r;
     all.push_back(compute_layout(in));
   }
@@ -174,10 +257,12 @@ void check_config(const Config& c) {
     for (int j = 0; j < P; ++j) {
       EXPECT_EQ(a.q_start[j + 1] - a.q_start[j], c.q_lens[j]);
       EXPECT_EQ(a.kv_start[j + 1] - a.kv_start[j], c.kv_lens[j]);
-      EXPECT_EQ(a.q_heads[j].begin, q_heads_of(c.q_heads, P, j).begin);
-      EXPECT_EQ(a.q_heads[j].end, q_heads_of(c.q_heads, P, j).end);
-      EXPECT_EQ(a.kv_heads[j].begin, kv_heads_of(c.q_heads, c.kv_heads, P, j).begin);
-      EXPECT_EQ(a.kv_heads[j].end, kv_heads_of(c.q_heads, c.kv_heads, P, j).end);
+      const RankWork& w = a.work[j];
+      const RankWork& u = L[0].work[j];  // every rank derives the same split
+      EXPECT_EQ(w.first_head, u.first_head);
+      EXPECT_EQ(w.first_row, u.first_row);
+      EXPECT_EQ(w.end_head, u.end_head);
+      EXPECT_EQ(w.end_row, u.end_row);
     }
     check_side(a.qkv_send, P, "qkv_send");
     check_side(a.qkv_recv, P, "qkv_recv");
@@ -211,40 +296,60 @@ void check_config(const Config& c) {
       EXPECT_EQ(a.qkv_send_block[j].k, b.qkv_recv_block[r].k);
       EXPECT_EQ(a.qkv_send_block[j].v, b.qkv_recv_block[r].v);
       EXPECT_EQ(a.qkv_send_block[j].bytes, b.qkv_recv_block[r].bytes);
+      EXPECT_EQ(a.out_send_block[j].o, b.out_recv_block[r].o);
       EXPECT_EQ(a.out_send_block[j].lse, b.out_recv_block[r].lse);
       EXPECT_EQ(a.out_send_block[j].bytes, b.out_recv_block[r].bytes);
 
-      // Inside a q/k/v block: Q at the start, then K, V, each 64-byte aligned and large enough
-      // for its payload.
+      // Inside a q/k/v block: the Q pieces, then K, V, each 64-byte aligned and large enough for
+      // its payload.
       const auto& qb = a.qkv_send_block[j];
-      const std::int64_t nq = a.q_heads[j].size(), nkv = a.kv_heads[j].size();
-      const std::int64_t q_bytes = c.q_lens[r] * nq * row, kv_bytes = c.kv_lens[r] * nkv * row;
+      const RankWork& wj = a.work[j];
+      const std::int64_t nkv = wj.kv_heads.size();
+      const std::int64_t kv_bytes = c.kv_lens[r] * nkv * row;
       EXPECT_EQ(a.qkv_send.counts[j], qb.bytes);
-      EXPECT_EQ(qb.q, 0);
-      EXPECT_EQ(qb.q % kBlockAlign, 0);
+      EXPECT_EQ(qb.q[0], 0);
+      for (int i = 0; i < wj.pieces; ++i) {
+        const std::int64_t bytes = rows_held(wj.piece[i], a.q_tokens(r)).size() *
+                                   wj.piece[i].heads.size() * row;
+        const std::int64_t next = i + 1 < wj.pieces ? qb.q[i + 1] : qb.k;
+        EXPECT_EQ(qb.q[i] % kBlockAlign, 0);
+        EXPECT_GE(next - qb.q[i], bytes);
+        q_payload_sent += bytes;
+      }
       EXPECT_EQ(qb.k % kBlockAlign, 0);
       EXPECT_EQ(qb.v % kBlockAlign, 0);
-      EXPECT_GE(qb.k - qb.q, q_bytes);
       EXPECT_GE(qb.v - qb.k, kv_bytes);
       EXPECT_EQ(qb.bytes, qb.v + kv_bytes);
-      q_payload_sent += q_bytes;
       kv_payload_sent += kv_bytes;
       kv_heads_sent += nkv;
 
-      // Output block r -> j: j's tokens of r's heads, then their lse.
+      // Output block r -> j: of each of r's pieces, j's rows, then their lse.
       const auto& ob = a.out_send_block[j];
-      const std::int64_t o_bytes = c.q_lens[j] * a.q_heads[r].size() * row;
-      EXPECT_EQ(a.out_send.counts[j], ob.bytes);
-      if (c.with_lse) {
-        EXPECT_GE(ob.lse, o_bytes);
-        EXPECT_EQ(ob.lse % kBlockAlign, 0);
-        EXPECT_EQ(ob.bytes, ob.lse + c.q_lens[j] * a.q_heads[r].size() * 4);
-      } else {
-        EXPECT_EQ(ob.bytes, o_bytes);
+      const RankWork& wr = a.work[r];
+      std::int64_t pairs = 0;
+      for (int i = 0; i < wr.pieces; ++i) {
+        const std::int64_t n = rows_held(wr.piece[i], a.q_tokens(j)).size() * wr.piece[i].heads.size();
+        const std::int64_t next = i + 1 < wr.pieces ? ob.o[i + 1] : ob.lse[0];
+        EXPECT_EQ(ob.o[i] % kBlockAlign, 0);
+        EXPECT_GE(next - ob.o[i], n * row);
+        if (c.with_lse) {
+          EXPECT_EQ(ob.lse[i] % kBlockAlign, 0);
+          if (i + 1 < wr.pieces) {
+            EXPECT_GE(ob.lse[i + 1] - ob.lse[i], n * 4);
+          }
+        }
+        pairs += n;
       }
+      EXPECT_EQ(a.out_send.counts[j], ob.bytes);
+      EXPECT_LE(ob.bytes, pairs * (row + (c.with_lse ? 4 : 0)) + 6 * kBlockAlign);
+      EXPECT_GE(ob.bytes, pairs * (row + (c.with_lse ? 4 : 0)));
     }
-    // Every query head of r's tokens leaves exactly once, except r's own heads (no padding).
-    EXPECT_EQ(q_payload_sent, c.q_lens[r] * (c.q_heads - a.q_heads[r].size()) * row);
+    // Every (token, head) pair of r's queries leaves exactly once, except those r computes itself
+    // (no padding).
+    std::int64_t own_pairs = 0;
+    for (int i = 0; i < a.work[r].pieces; ++i)
+      own_pairs += rows_held(a.work[r].piece[i], a.q_tokens(r)).size() * a.work[r].piece[i].heads.size();
+    EXPECT_EQ(q_payload_sent, (c.q_lens[r] * c.q_heads - own_pairs) * row);
     EXPECT_EQ(kv_payload_sent, c.kv_lens[r] * kv_heads_sent * row);
   }
 }
@@ -293,6 +398,7 @@ TEST(ComputeLayout, RandomConfigsAgreeAcrossRanks) {
     c.head_dim = rng.pick(dims);
     c.elem_bytes = rng.pick(elems);
     c.with_lse = rng.uniform(0, 1);
+    c.causal = rng.uniform(0, 1);
     check_config(c);
     if (::testing::Test::HasFatalFailure()) return;
   }
@@ -333,12 +439,23 @@ TEST(ComputeLayout, LargeCountsAre64BitExact) {
       EXPECT_TRUE(static_cast<i128>(L[r].q_start[P]) == q_total);
       for (int j = 0; j < P; ++j) {
         if (j == r) continue;
-        const i128 nq = L[r].q_heads[j].size(), nkv = L[r].kv_heads[j].size();
-        const i128 kv_bytes = b.kv[r] * nkv * row;
-        const i128 want_qkv =
-            align128(b.q[r] * nq * row) + align128(kv_bytes) + kv_bytes;
-        const i128 o_bytes = b.q[j] * static_cast<i128>(L[r].q_heads[r].size()) * row;
-        const i128 want_out = align128(o_bytes) + b.q[j] * static_cast<i128>(L[r].q_heads[r].size()) * 4;
+        // Recomputed in 128-bit from the split: Q pieces, K, V (the last part unpadded).
+        const RankWork& wj = L[r].work[j];
+        const RankWork& wr = L[r].work[r];
+        const RowRange mine = L[r].q_tokens(r), theirs = L[r].q_tokens(j);
+        i128 want_qkv = 0, want_out = 0, lse_bytes = 0;
+        for (int i = 0; i < wj.pieces; ++i)
+          want_qkv += align128(static_cast<i128>(rows_held(wj.piece[i], mine).size()) *
+                               wj.piece[i].heads.size() * row);
+        const i128 kv_bytes = b.kv[r] * static_cast<i128>(wj.kv_heads.size()) * row;
+        want_qkv += align128(kv_bytes) + kv_bytes;
+        for (int i = 0; i < wr.pieces; ++i) {
+          const i128 n = static_cast<i128>(rows_held(wr.piece[i], theirs).size()) * wr.piece[i].heads.size();
+          want_out += align128(n * row);
+          lse_bytes += i + 1 < wr.pieces ? align128(n * 4) : n * 4;
+        }
+        want_out += lse_bytes;
+        if (wr.pieces == 0) want_out = 0;
         EXPECT_TRUE(static_cast<i128>(L[r].qkv_send.counts[j]) == want_qkv)
             << "rank " << r << " -> " << j << ": " << L[r].qkv_send.counts[j] << " vs "
             << static_cast<long double>(want_qkv);

@@ -89,12 +89,20 @@ TEST_F(FromLengths, ValidPlanDescribesEveryRankWithoutCommunicating) {
   EXPECT_TRUE(p.shape().causal);
   EXPECT_TRUE(p.shape().return_lse);
   for (int r = 0; r < kRanks; ++r) {
-    const auto qh = uaa::detail::q_heads_of(7, kRanks, r);
-    const auto kh = uaa::detail::kv_heads_of(7, 7, kRanks, r);
-    EXPECT_EQ(p.q_head_begin(r), qh.begin);
-    EXPECT_EQ(p.q_head_end(r), qh.end);
-    EXPECT_EQ(p.kv_head_begin(r), kh.begin);
-    EXPECT_EQ(p.kv_head_end(r), kh.end);
+    const uaa::detail::RankWork& w = p.data().layout.work[r];
+    const uaa::WorkRange range = p.work(r);
+    EXPECT_EQ(range.first_head, w.first_head);
+    EXPECT_EQ(range.first_row, w.first_row);
+    EXPECT_EQ(range.end_head, w.end_head);
+    EXPECT_EQ(range.end_row, w.end_row);
+    EXPECT_EQ(p.q_head_begin(r), w.q_heads.begin);
+    EXPECT_EQ(p.q_head_end(r), w.q_heads.end);
+    EXPECT_EQ(p.kv_head_begin(r), w.kv_heads.begin);
+    EXPECT_EQ(p.kv_head_end(r), w.kv_heads.end);
+    if (r > 0) {  // ranges follow each other
+      EXPECT_EQ(range.first_head, p.work(r - 1).end_head);
+      EXPECT_EQ(range.first_row, p.work(r - 1).end_row);
+    }
   }
   std::int64_t sent = 0;
   for (std::int64_t c : p.data().layout.qkv_send.counts) sent += c;

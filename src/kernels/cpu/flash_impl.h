@@ -361,7 +361,7 @@ inline void write_rows(const Problem& p, const ThreadBuffers& tb, std::int64_t h
 template <class V, class Mk>
 void attend_tile(const Problem& p, const ThreadBuffers& tb, const char* kpack, const char* vpack,
                  const unsigned char* v_bad, std::int64_t h, std::int64_t qtile) {
-  const std::int64_t r0 = qtile * kBr, nr = min64(kBr, p.q_total - r0);
+  const std::int64_t r0 = p.q_first + qtile * kBr, nr = min64(kBr, p.q_first + p.q_count - r0);
   const std::int64_t Dp = p.padded_dim;
   const std::int64_t last = last_key(p, r0 + nr - 1);  // the tile's last row sees the most keys
   std::int64_t a = 0;  // rows [0, a) see no key of the current tile (causal: a suffix is active)
@@ -394,8 +394,8 @@ void attend_tile(const Problem& p, const ThreadBuffers& tb, const char* kpack, c
 
 template <class V, class Mk>
 void run_flash(const Problem& p) {
-  if (p.q_heads == 0 || p.q_total == 0) return;
-  const std::int64_t n_qt = (p.q_total + kBr - 1) / kBr;
+  if (p.q_heads == 0 || p.q_count == 0) return;
+  const std::int64_t n_qt = (p.q_count + kBr - 1) / kBr;
   const std::int64_t n_kt = (p.kv_total + kBc - 1) / kBc;
   char* kpack = p.scratch + p.layout.k_packed;
   char* vpack = p.scratch + p.layout.v_packed;

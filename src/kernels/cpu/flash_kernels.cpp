@@ -15,6 +15,8 @@ namespace uaa::detail {
 namespace {
 
 using flash::Traits;
+static_assert(kQueryRowGranule % Traits::kQueryTile == 0,
+              "query tiles must not straddle the row ranges a plan splits heads at");
 
 enum class Isa { portable, avx2, avx512, avx512bf16 };
 
@@ -86,7 +88,7 @@ class FlashKernel final : public AttentionKernel {
     flash::Segment* k = q + kp.q.size();
     flash::Segment* v = k + kp.k.size();
     auto* out = reinterpret_cast<flash::OutSegment*>(v + kp.v.size());
-    std::int64_t begin = 0;
+    std::int64_t begin = kp.q_first;
     for (std::size_t i = 0; i < kp.q.size(); ++i) {
       const TokenSegment& s = kp.q[i];
       q[i] = {s.data, begin, s.tokens, s.token_stride, s.head_stride};
@@ -94,6 +96,7 @@ class FlashKernel final : public AttentionKernel {
       out[i] = {o.data, o.token_stride, o.head_stride, o.lse, o.lse_token_stride};
       begin += s.tokens;
     }
+    const std::int64_t begin_q_end = begin;
     begin = 0;
     for (std::size_t i = 0; i < kp.k.size(); ++i) {
       const TokenSegment& s = kp.k[i];
@@ -116,6 +119,8 @@ class FlashKernel final : public AttentionKernel {
     p.out = out;
     p.q_segments = static_cast<std::int64_t>(kp.q.size());
     p.kv_segments = static_cast<std::int64_t>(kp.k.size());
+    p.q_first = kp.q_first;
+    p.q_count = begin_q_end - kp.q_first;
     p.q_total = kp.q_total;
     p.kv_total = kp.kv_total;
     p.scale = kp.scale;

@@ -62,7 +62,8 @@ struct Problem {
   const Segment* v = nullptr;
   const OutSegment* out = nullptr;
   std::int64_t q_segments = 0, kv_segments = 0;
-  std::int64_t q_total = 0, kv_total = 0;
+  std::int64_t q_first = 0, q_count = 0;  // the rows handed over: [q_first, q_first + q_count)
+  std::int64_t q_total = 0, kv_total = 0;  // global counts
   float scale = 1.0f;
   bool causal = false;
   int threads = 1;

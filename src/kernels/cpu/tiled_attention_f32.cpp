@@ -103,7 +103,7 @@ class TiledF32Kernel final : public AttentionKernel {
           s.vrow[j] = vb + t * p.v[seg].token_stride;
         }
       }
-      std::int64_t row0 = 0;
+      std::int64_t row0 = p.q_first;
       for (std::size_t seg = 0; seg < p.q.size(); ++seg) {
         const TokenSegment& qs = p.q[seg];
         const OutSegment& os = p.out[seg];

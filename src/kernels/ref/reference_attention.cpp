@@ -76,7 +76,7 @@ class ReferenceKernel final : public AttentionKernel {
         vrow[j] = static_cast<const float*>(p.v[s].data) + t * p.v[s].token_stride +
                   kvh * p.v[s].head_stride;
       }
-      std::int64_t row0 = 0;
+      std::int64_t row0 = p.q_first;
       for (std::size_t s = 0; s < p.q.size(); ++s) {
         const TokenSegment& qs = p.q[s];
         const OutSegment& os = p.out[s];

@@ -3,6 +3,13 @@
 // each rank sends, a raw MPI_Alltoallv of exactly the same per-peer byte counts timed the same way
 // in the same run, the output's largest difference from uaa's, and the cost model's prediction.
 //
+// Drift: this kind of VM changes speed by 10-15% over minutes, so the strategies of a sequence are
+// interleaved call by call. All their plans, workspaces and outputs stay alive (inputs are shared);
+// each round makes one forward() call per strategy, each followed by that strategy's raw
+// MPI_Alltoallv(s), and the first strategy rotates from round to round. ratio_to_uaa and
+// exchange_ratio_to_raw are medians of per-round ratios (each call's time the maximum over ranks),
+// so a slow stretch of the machine hits both sides of a ratio.
+//
 // Timing honesty: forward() runs with PhaseTimes::sync_exchanges, so each exchange starts after a
 // barrier that is timed separately (wait_ms): exchange_ms holds data movement only, not the skew
 // of the attention phase before it. total_ms is the whole call, waits included.
@@ -111,40 +118,38 @@ std::vector<Side> exchanges_of(const detail::PlanData& d) {
            L.out_send.total, L.out_recv.total}};
 }
 
-// Median over `iters` (after one warm-up) of a plain MPI_Alltoallv of MPI_BYTE per exchange, summed
-// over the exchanges; each preceded by a barrier, as forward() does under sync_exchanges. -1 when a
-// count does not fit an int.
-double raw_alltoallv_ms(const std::vector<Side>& sides, std::int64_t iters, MPI_Comm comm) {
-  double sum = 0;
+// One exchange of a strategy as a plain MPI_Alltoallv of MPI_BYTE: the plan's per-peer byte counts.
+struct RawSide {
+  std::vector<int> sc, sd, rc, rd;
+  std::int64_t send_total = 0, recv_total = 0;
+};
+
+// The strategy's exchanges as int counts; false (on every rank) when a count does not fit an int.
+bool raw_sides(const std::vector<Side>& sides, MPI_Comm comm, std::vector<RawSide>* out) {
+  out->clear();
+  bool fits = true;
   for (const Side& s : sides) {
     const std::size_t P = s.sc->size();
-    std::vector<int> sc(P), sd(P), rc(P), rd(P);
-    bool fits = s.send_total < INT_MAX && s.recv_total < INT_MAX;
+    RawSide r;
+    r.sc.resize(P);
+    r.sd.resize(P);
+    r.rc.resize(P);
+    r.rd.resize(P);
+    r.send_total = s.send_total;
+    r.recv_total = s.recv_total;
+    fits = fits && s.send_total < INT_MAX && s.recv_total < INT_MAX;
     for (std::size_t j = 0; j < P && fits; ++j) {
-      sc[j] = static_cast<int>((*s.sc)[j]);
-      sd[j] = static_cast<int>((*s.sd)[j]);
-      rc[j] = static_cast<int>((*s.rc)[j]);
-      rd[j] = static_cast<int>((*s.rd)[j]);
+      r.sc[j] = static_cast<int>((*s.sc)[j]);
+      r.sd[j] = static_cast<int>((*s.sd)[j]);
+      r.rc[j] = static_cast<int>((*s.rc)[j]);
+      r.rd[j] = static_cast<int>((*s.rd)[j]);
     }
-    int all_fit = fits ? 1 : 0, ok = 0;
-    MPI_Allreduce(&all_fit, &ok, 1, MPI_INT, MPI_MIN, comm);
-    if (!ok) return -1;
-    std::vector<std::byte> send(static_cast<std::size_t>(s.send_total) + 64),
-        recv(static_cast<std::size_t>(s.recv_total) + 64);
-    std::vector<double> t;
-    for (std::int64_t i = 0; i <= iters; ++i) {
-      MPI_Barrier(comm);
-      const auto t0 = Clock::now();
-      MPI_Alltoallv(send.data(), sc.data(), sd.data(), MPI_BYTE, recv.data(), rc.data(), rd.data(),
-                    MPI_BYTE, comm);
-      const double ms = ms_since(t0);
-      if (i > 0) t.push_back(ms);
-    }
-    double local = median(t), worst = 0;
-    MPI_Allreduce(&local, &worst, 1, MPI_DOUBLE, MPI_MAX, comm);
-    sum += worst;
+    out->push_back(std::move(r));
   }
-  return sum;
+  int all_fit = fits ? 1 : 0, ok = 0;
+  MPI_Allreduce(&all_fit, &ok, 1, MPI_INT, MPI_MIN, comm);
+  if (!ok) out->clear();
+  return ok != 0;
 }
 
 struct Row {
@@ -153,6 +158,9 @@ struct Row {
   std::int64_t seq = 0, bytes_sent = 0;
   double total = 0, exchange = 0, attention = 0, wait = 0, pack = 0, x1 = 0, x2 = 0, unpack = 0;
   double raw = 0, max_abs_err = 0;
+  // Medians over rounds of per-round ratios (each side the maximum over ranks of that call); NaN
+  // when not available (no uaa row; raw exchange not run).
+  double ratio_to_uaa = NAN, exchange_ratio_to_raw = NAN;
   bool bitwise = false;
   detail::CostEstimate cost;
   double model_ms = 0;
@@ -168,6 +176,14 @@ std::string num(double v) {
   if (!std::isfinite(v)) return "null";
   char b[32];
   std::snprintf(b, sizeof b, "%.6g", v);
+  return b;
+}
+
+// "%.<digits>f", or "-" when not available.
+std::string fixed(double v, int digits) {
+  if (!std::isfinite(v)) return "-";
+  char b[32];
+  std::snprintf(b, sizeof b, "%.*f", digits, v);
   return b;
 }
 
@@ -188,14 +204,15 @@ void print_row(const Row& r, const SweepOptions& o, int P, const detail::CostRat
     std::printf(", \"total_ms\": %s, \"exchange_ms\": %s, \"attention_ms\": %s, \"wait_ms\": %s, "
                 "\"pack_ms\": %s, \"exchange_qkv_ms\": %s, \"exchange_out_ms\": %s, \"unpack_ms\": %s, "
                 "\"bytes_sent\": %lld, \"raw_alltoallv_ms\": %s, \"exchange_over_raw\": %s, "
-                "\"max_abs_err_vs_uaa\": %s, \"bitwise_equal_uaa\": %s, \"model_ms\": %s, "
+                "\"ratio_to_uaa\": %s, \"exchange_ratio_to_raw\": %s, \"max_abs_err_vs_uaa\": %s, \"bitwise_equal_uaa\": %s, \"model_ms\": %s, "
                 "\"model_err\": %s, \"imbalance\": %s, \"pad_fraction\": %s, "
                 "\"model_gflops\": %s, \"model_gbps\": %s}\n",
                 num(r.total).c_str(), num(r.exchange).c_str(), num(r.attention).c_str(),
                 num(r.wait).c_str(), num(r.pack).c_str(), num(r.x1).c_str(), num(r.x2).c_str(),
                 num(r.unpack).c_str(), static_cast<long long>(r.bytes_sent),
                 r.raw < 0 ? "null" : num(r.raw).c_str(),
-                r.raw > 0 ? num(r.exchange / r.raw).c_str() : "null", num(r.max_abs_err).c_str(),
+                r.raw > 0 ? num(r.exchange / r.raw).c_str() : "null", num(r.ratio_to_uaa).c_str(),
+                num(r.exchange_ratio_to_raw).c_str(), num(r.max_abs_err).c_str(),
                 r.bitwise ? "true" : "false", num(r.model_ms).c_str(),
                 num(r.model_ms / r.total - 1).c_str(), num(r.cost.imbalance).c_str(),
                 num(r.cost.pad_fraction).c_str(), num(rates.flops_per_s / 1e9).c_str(),
@@ -206,10 +223,10 @@ void print_row(const Row& r, const SweepOptions& o, int P, const detail::CostRat
                   r.error.c_str());
       return;
     }
-    std::printf("%-13s %7lld %9.2f %9.2f %9.2f %8.2f %9.2f %12lld %9.2f %6s %9.2e\n", r.strategy.c_str(),
-                static_cast<long long>(r.seq), r.total, r.attention, r.exchange, r.wait, r.raw,
-                static_cast<long long>(r.bytes_sent), r.model_ms, r.bitwise ? "yes" : "no",
-                r.max_abs_err);
+    std::printf("%-13s %7lld %9.2f %9.2f %9.2f %8.2f %9.2f %12lld %9.2f %6s %9.2e %7s %8s\n",
+                r.strategy.c_str(), static_cast<long long>(r.seq), r.total, r.attention, r.exchange, r.wait,
+                r.raw, static_cast<long long>(r.bytes_sent), r.model_ms, r.bitwise ? "yes" : "no",
+                r.max_abs_err, fixed(r.ratio_to_uaa, 3).c_str(), fixed(r.exchange_ratio_to_raw, 2).c_str());
   }
   std::fflush(stdout);
 }
@@ -218,12 +235,15 @@ void write_csv(const std::string& path, const std::vector<Row>& rows) {
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (!f) throw SweepError("--csv: cannot write " + path);
   std::fprintf(f, "strategy,seq,total_ms,exchange_ms,attention_ms,wait_ms,raw_alltoallv_ms,bytes_sent,"
-                  "max_abs_err_vs_uaa,model_ms\n");
+                  "max_abs_err_vs_uaa,model_ms,ratio_to_uaa,exchange_ratio_to_raw\n");
+  // An empty field: not available (no uaa in the run; raw exchange not run).
+  const auto opt = [](double v) { return std::isfinite(v) ? fixed(v, 4) : std::string(); };
   for (const Row& r : rows)
     if (r.error.empty())
-      std::fprintf(f, "%s,%lld,%.4f,%.4f,%.4f,%.4f,%.4f,%lld,%.3g,%.4f\n", r.strategy.c_str(),
+      std::fprintf(f, "%s,%lld,%.4f,%.4f,%.4f,%.4f,%.4f,%lld,%.3g,%.4f,%s,%s\n", r.strategy.c_str(),
                    static_cast<long long>(r.seq), r.total, r.exchange, r.attention, r.wait, r.raw,
-                   static_cast<long long>(r.bytes_sent), r.max_abs_err, r.model_ms);
+                   static_cast<long long>(r.bytes_sent), r.max_abs_err, r.model_ms,
+                   opt(r.ratio_to_uaa).c_str(), opt(r.exchange_ratio_to_raw).c_str());
   std::fclose(f);
 }
 
@@ -239,7 +259,8 @@ void plot(const std::string& png, const std::vector<Row>& rows, const SweepOptio
     bool any = false;
     for (const Row& r : rows)
       if (r.error.empty() && r.strategy == strategy_name(s)) {
-        std::fprintf(f, "%lld %.4f %.4f %.4f\n", static_cast<long long>(r.seq), r.total, r.exchange, r.raw);
+        std::fprintf(f, "%lld %.4f %.4f %.4f %s\n", static_cast<long long>(r.seq), r.total, r.exchange,
+                     r.raw, std::isfinite(r.ratio_to_uaa) ? fixed(r.ratio_to_uaa, 4).c_str() : "NaN");
         any = true;
       }
     if (!any) continue;
@@ -248,26 +269,65 @@ void plot(const std::string& png, const std::vector<Row>& rows, const SweepOptio
     ++blocks;
   }
   std::fclose(f);
+  // A third panel, the drift-free comparison, when uaa ran.
+  bool ratios = false;
+  for (const Row& r : rows) ratios = ratios || (r.error.empty() && std::isfinite(r.ratio_to_uaa));
   const std::string title = (o.preset.empty() ? std::string("heads ") + std::to_string(o.heads) : o.preset) +
                             ", " + std::to_string(P) + " ranks x " + std::to_string(num_threads()) +
                             " thread(s), " + dtype_name(o.dtype);
   const std::string n = std::to_string(blocks - 1);
   const std::string script =
-      "set terminal pngcairo size 1000,420 font ',9' noenhanced\n"
+      std::string("set terminal pngcairo size ") + (ratios ? "1500" : "1000") + ",420 font ',9' noenhanced\n"
       "set output '" + png + "'\n"
       "set key top left\nset grid\nnames = '" + titles + "'\n"
-      "set multiplot layout 1,2 title '" + title + "'\n"
+      "set multiplot layout 1," + (ratios ? "3" : "2") + " title '" + title + "'\n"
       "set xlabel 'total sequence length (tokens)'\nset ylabel 'ms per call (median)'\n"
       "set title 'forward() time'\n"
       "plot for [i=0:" + n + "] '" + dat + "' index i using 1:2 with linespoints title word(names, i+1)\n"
       "set title 'data movement (solid) vs raw MPI_Alltoallv (dashed)'\n"
       "plot for [i=0:" + n + "] '" + dat + "' index i using 1:3 with linespoints linecolor i+1 title word(names, i+1), \\\n"
-      "     for [i=0:" + n + "] '" + dat + "' index i using 1:4 with lines dashtype 2 linecolor i+1 notitle\n"
+      "     for [i=0:" + n + "] '" + dat + "' index i using 1:4 with lines dashtype 2 linecolor i+1 notitle\n" +
+      (ratios ? "set title 'forward() time / uaa time (median of per-round ratios)'\n"
+                "set ylabel 'ratio to uaa'\n"
+                "plot for [i=0:" + n + "] '" + dat + "' index i using 1:5 with linespoints linecolor i+1 title word(names, i+1)\n"
+              : std::string()) +
       "unset multiplot\n";
   std::FILE* g = popen("gnuplot", "w");
   if (!g) throw SweepError("--plot: cannot run gnuplot");
   std::fputs(script.c_str(), g);
   if (pclose(g) != 0) throw SweepError("--plot: gnuplot failed (is gnuplot with pngcairo installed?)");
+}
+
+// One strategy of one sequence: everything its calls need stays alive over the interleaved rounds.
+struct Contender {
+  Strategy st = Strategy::uaa;
+  Row row;
+  std::unique_ptr<Plan> plan;  // null: cannot run (row.error says why)
+  std::unique_ptr<Shard> out;
+  Workspace ws;
+  AttentionArgs args;
+  std::vector<RawSide> raw;  // empty: the raw exchange does not fit int counts (raw_alltoallv_ms null)
+  bool raw_ok = false;
+  std::vector<double> phases;  // this rank's [round][8 phases], timed rounds only
+  std::vector<double> raw_ms;  // this rank's [round][exchange]
+};
+
+constexpr int kPhases = 8;
+
+// Element-wise maximum over ranks (collective).
+std::vector<double> max_over_ranks(const std::vector<double>& local, MPI_Comm comm) {
+  std::vector<double> worst(local.size());
+  if (!local.empty())
+    MPI_Allreduce(local.data(), worst.data(), static_cast<int>(local.size()), MPI_DOUBLE, MPI_MAX, comm);
+  return worst;
+}
+
+// Median of num[i] / den[i] over the i where both are finite and den[i] > 0; NaN if none.
+double median_ratio(const std::vector<double>& num, const std::vector<double>& den) {
+  std::vector<double> r;
+  for (std::size_t i = 0; i < num.size() && i < den.size(); ++i)
+    if (std::isfinite(num[i]) && std::isfinite(den[i]) && den[i] > 0) r.push_back(num[i] / den[i]);
+  return r.empty() ? NAN : median(r);
 }
 
 int run(const SweepOptions& o, int me, int P) {
@@ -278,11 +338,15 @@ int run(const SweepOptions& o, int me, int P) {
   detail::CostRates rates{o.compute_gflops * 1e9, o.exchange_gbps * 1e9};
   const bool calibrate = !(rates.flops_per_s > 0 && rates.bytes_per_s > 0);
   if (me == 0 && !o.json)
-    std::printf("%-13s %7s %9s %9s %9s %8s %9s %12s %9s %6s %9s\n", "strategy", "seq", "total_ms",
-                "attn_ms", "xchg_ms", "wait_ms", "raw_ms", "bytes_sent", "model_ms", "=uaa", "max_err");
+    std::printf("%-13s %7s %9s %9s %9s %8s %9s %12s %9s %6s %9s %7s %8s\n", "strategy", "seq", "total_ms",
+                "attn_ms", "xchg_ms", "wait_ms", "raw_ms", "bytes_sent", "model_ms", "=uaa", "max_err",
+                "/uaa", "xchg/raw");
   const auto t_start = Clock::now();
   const std::size_t jobs = sweep.size() * o.strategies.size();
   std::size_t done = 0;
+  // uaa first: the reference of the error column and of ratio_to_uaa.
+  std::vector<Strategy> order = o.strategies;
+  std::stable_partition(order.begin(), order.end(), [](Strategy s) { return s == Strategy::uaa; });
   for (const auto& lens : sweep) {
     std::int64_t total = 0, first = 0;
     for (int r = 0; r < P; ++r) {
@@ -290,56 +354,111 @@ int run(const SweepOptions& o, int me, int P) {
       if (r < me) first += lens[r];
     }
     const std::int64_t n = lens[me];
+    // One set of inputs, shared by every strategy (they all read the same global tensors).
     Shard q(o.dtype, n, o.heads, o.head_dim), k(o.dtype, n, o.kv_heads, o.head_dim),
         v(o.dtype, n, o.kv_heads, o.head_dim);
     q.fill(0, first);
     k.fill(1, first);
     v.fill(2, first);
-    std::vector<float> uaa_out;
-    bool have_uaa = false;
-    // uaa first: the reference of the error column.
-    std::vector<Strategy> order = o.strategies;
-    std::stable_partition(order.begin(), order.end(), [](Strategy s) { return s == Strategy::uaa; });
-    for (Strategy st : order) {
-      Row row;
-      row.strategy = strategy_name(st);
-      row.lens = lens;
-      row.seq = total;
+
+    // Plans, workspaces and outputs of every strategy, alive together. Plan::create is collective
+    // and fails alike on every rank, so every rank has the same list of runnable strategies.
+    std::vector<Contender> cs(order.size());
+    std::vector<Contender*> active;
+    std::int64_t raw_send_max = 0, raw_recv_max = 0;
+    for (std::size_t j = 0; j < order.size(); ++j) {
+      Contender& c = cs[j];
+      c.st = order[j];
+      c.row.strategy = strategy_name(c.st);
+      c.row.lens = lens;
+      c.row.seq = total;
       AttentionShape shape;
       shape.q_heads = o.heads;
       shape.kv_heads = o.kv_heads;
       shape.head_dim = o.head_dim;
       shape.dtype = o.dtype;
       shape.causal = o.causal;
-      shape.strategy = st;
-      std::unique_ptr<Plan> plan;
+      shape.strategy = c.st;
       try {
-        plan = std::make_unique<Plan>(Plan::create(*comm, shape, n, n));
+        c.plan = std::make_unique<Plan>(Plan::create(*comm, shape, n, n));
       } catch (const Error& e) {  // the same on every rank
-        row.error = e.what();
+        c.row.error = e.what();
+        continue;
       }
-      if (plan) {
-        Shard out(o.dtype, n, o.heads, o.head_dim);
-        AttentionArgs args;
-        args.q = q.cview();
-        args.k = k.cview();
-        args.v = v.cview();
-        args.out = out.view();
-        Workspace ws;
-        std::vector<std::vector<double>> ph(8);
-        for (std::int64_t i = 0; i < o.warmup + o.iters; ++i) {
-          PhaseTimes t;
-          t.sync_exchanges = true;
-          MPI_Barrier(world);
-          forward(*comm, *plan, args, ws, &t);
-          if (i < o.warmup) continue;
-          const double vals[8] = {t.total, t.pack + t.exchange_qkv + t.exchange_out + t.unpack,
-                                  t.attention, t.wait, t.pack, t.exchange_qkv, t.exchange_out, t.unpack};
-          for (int p = 0; p < 8; ++p) ph[p].push_back(vals[p]);
+      c.out = std::make_unique<Shard>(o.dtype, n, o.heads, o.head_dim);
+      c.args.q = q.cview();
+      c.args.k = k.cview();
+      c.args.v = v.cview();
+      c.args.out = c.out->view();
+      c.raw_ok = raw_sides(exchanges_of(c.plan->data()), world, &c.raw);
+      for (const RawSide& r : c.raw) {
+        raw_send_max = std::max(raw_send_max, r.send_total);
+        raw_recv_max = std::max(raw_recv_max, r.recv_total);
+      }
+      c.phases.assign(static_cast<std::size_t>(o.iters) * kPhases, 0.0);
+      c.raw_ms.assign(static_cast<std::size_t>(o.iters) * c.raw.size(), 0.0);
+      active.push_back(&c);
+    }
+    // The raw exchanges only move bytes: one pair of buffers serves every strategy.
+    std::vector<std::byte> raw_send(static_cast<std::size_t>(raw_send_max) + 64),
+        raw_recv(static_cast<std::size_t>(raw_recv_max) + 64);
+
+    // Rounds: --warmup untimed, then --iters timed. In each, every runnable strategy makes one
+    // forward() call followed by its raw MPI_Alltoallv(s); the first strategy rotates per round.
+    // The order is the same on every rank.
+    const std::int64_t S = static_cast<std::int64_t>(active.size());
+    for (std::int64_t i = -o.warmup; i < o.iters && S > 0; ++i) {
+      const std::int64_t start = ((i % S) + S) % S;
+      for (std::int64_t j = 0; j < S; ++j) {
+        Contender& c = *active[static_cast<std::size_t>((start + j) % S)];
+        PhaseTimes t;
+        t.sync_exchanges = true;
+        MPI_Barrier(world);
+        forward(*comm, *c.plan, c.args, c.ws, &t);
+        if (i >= 0) {
+          const double vals[kPhases] = {t.total, t.pack + t.exchange_qkv + t.exchange_out + t.unpack,
+                                        t.attention, t.wait, t.pack, t.exchange_qkv, t.exchange_out,
+                                        t.unpack};
+          std::copy(vals, vals + kPhases, c.phases.begin() + i * kPhases);
         }
-        double local[8], worst[8];
-        for (int p = 0; p < 8; ++p) local[p] = median(ph[p]);
-        MPI_Allreduce(local, worst, 8, MPI_DOUBLE, MPI_MAX, world);
+        // Each exchange preceded by a barrier, as forward() does under sync_exchanges.
+        for (std::size_t x = 0; x < c.raw.size(); ++x) {
+          const RawSide& r = c.raw[x];
+          MPI_Barrier(world);
+          const auto t0 = Clock::now();
+          MPI_Alltoallv(raw_send.data(), r.sc.data(), r.sd.data(), MPI_BYTE, raw_recv.data(), r.rc.data(),
+                        r.rd.data(), MPI_BYTE, world);
+          const double ms = ms_since(t0);
+          if (i >= 0) c.raw_ms[static_cast<std::size_t>(i) * c.raw.size() + x] = ms;
+        }
+      }
+      if (me == 0 && i >= 0) {
+        const double elapsed = ms_since(t_start) / 1e3;
+        if (elapsed > 3)
+          std::fprintf(stderr, "uaa bench: seq %lld, round %lld/%lld of %lld strateg%s, %.0f s\n",
+                       static_cast<long long>(total), static_cast<long long>(i + 1),
+                       static_cast<long long>(o.iters), static_cast<long long>(S), S == 1 ? "y" : "ies",
+                       elapsed);
+      }
+    }
+
+    // Per-round totals of uaa (max over ranks): the denominators of ratio_to_uaa.
+    std::vector<double> uaa_round_total;
+    const Contender* uaa_c = nullptr;
+    for (const Contender* c : active)
+      if (c->st == Strategy::uaa && !uaa_c) uaa_c = c;
+    for (Contender& c : cs) {
+      Row& row = c.row;
+      if (c.plan) {
+        const std::size_t iters = static_cast<std::size_t>(o.iters);
+        // Per phase: median over rounds on this rank, then the maximum over ranks.
+        double local[kPhases], worst[kPhases];
+        for (int p = 0; p < kPhases; ++p) {
+          std::vector<double> xs(iters);
+          for (std::size_t i = 0; i < iters; ++i) xs[i] = c.phases[i * kPhases + p];
+          local[p] = median(xs);
+        }
+        MPI_Allreduce(local, worst, kPhases, MPI_DOUBLE, MPI_MAX, world);
         row.total = worst[0];
         row.exchange = worst[1];
         row.attention = worst[2];
@@ -348,29 +467,56 @@ int run(const SweepOptions& o, int me, int P) {
         row.x1 = worst[5];
         row.x2 = worst[6];
         row.unpack = worst[7];
-        const std::int64_t sent = plan->bytes_sent();
+        // Per call: the maximum over ranks, for the per-round ratios.
+        const std::vector<double> call_max = max_over_ranks(c.phases, world);
+        std::vector<double> round_total(iters), round_exchange(iters);
+        for (std::size_t i = 0; i < iters; ++i) {
+          round_total[i] = call_max[i * kPhases + 0];
+          round_exchange[i] = call_max[i * kPhases + 1];
+        }
+        if (&c == uaa_c) uaa_round_total = round_total;
+        if (uaa_c) row.ratio_to_uaa = median_ratio(round_total, uaa_round_total);
+        // Raw exchange: per exchange the median over rounds, max over ranks, summed over exchanges
+        // (as raw_alltoallv_ms always was); per round the sum over exchanges of the per-call maxima.
+        if (!c.raw_ok) {
+          row.raw = -1;
+        } else {
+          const std::size_t X = c.raw.size();
+          std::vector<double> side_local(X), side_worst(X);
+          for (std::size_t x = 0; x < X; ++x) {
+            std::vector<double> xs(iters);
+            for (std::size_t i = 0; i < iters; ++i) xs[i] = c.raw_ms[i * X + x];
+            side_local[x] = median(xs);
+          }
+          side_worst = max_over_ranks(side_local, world);
+          row.raw = 0;
+          for (double w : side_worst) row.raw += w;
+          const std::vector<double> raw_max = max_over_ranks(c.raw_ms, world);
+          std::vector<double> round_raw(iters, 0.0);
+          for (std::size_t i = 0; i < iters; ++i)
+            for (std::size_t x = 0; x < X; ++x) round_raw[i] += raw_max[i * X + x];
+          if (X > 0) row.exchange_ratio_to_raw = median_ratio(round_exchange, round_raw);
+        }
+        const std::int64_t sent = c.plan->bytes_sent();
         MPI_Allreduce(&sent, &row.bytes_sent, 1, MPI_INT64_T, MPI_MAX, world);
-        row.raw = raw_alltoallv_ms(exchanges_of(plan->data()), o.iters, world);
-        // Error against uaa on this rank's rows, then the maximum over ranks.
-        std::vector<float> mine(out.elements());
-        for (std::size_t i = 0; i < mine.size(); ++i) mine[i] = out.at(i);
+        // Error against uaa on this rank's rows (the last call's output; every call computes the
+        // same), then the maximum over ranks.
         double err = 0;
         int same = 1;
-        if (st == Strategy::uaa) {
-          uaa_out = mine;
-          have_uaa = true;
-        } else if (have_uaa) {
-          for (std::size_t i = 0; i < mine.size(); ++i) {
-            const double d = std::fabs(static_cast<double>(mine[i]) - uaa_out[i]);
+        if (uaa_c && &c != uaa_c) {
+          const Shard& mine = *c.out;
+          const Shard& ref = *uaa_c->out;
+          for (std::size_t e = 0; e < mine.elements(); ++e) {
+            const double d = std::fabs(static_cast<double>(mine.at(e)) - ref.at(e));
             if (!(d <= err)) err = d;
           }
-          same = std::memcmp(mine.data(), uaa_out.data(), mine.size() * sizeof(float)) == 0;
+          same = std::memcmp(mine.bytes.data(), ref.bytes.data(), mine.elements() * dtype_size(o.dtype)) == 0;
         }
         MPI_Allreduce(&err, &row.max_abs_err, 1, MPI_DOUBLE, MPI_MAX, world);
         int all_same = 0;
         MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, world);
-        row.bitwise = all_same != 0 && (have_uaa || st == Strategy::uaa);
-        if (!have_uaa) row.max_abs_err = NAN;
+        row.bitwise = all_same != 0 && uaa_c != nullptr;
+        if (!uaa_c) row.max_abs_err = NAN;
         detail::LayoutInput in;
         in.q_lens = lens;
         in.kv_lens = lens;
@@ -378,8 +524,8 @@ int run(const SweepOptions& o, int me, int P) {
         in.kv_heads = o.kv_heads;
         in.head_dim = o.head_dim;
         in.elem_bytes = static_cast<std::int64_t>(dtype_size(o.dtype));
-        row.cost = detail::estimate_cost(in, st, o.causal);
-        if (calibrate && rates.flops_per_s == 0 && st == Strategy::uaa && row.attention > 0 &&
+        row.cost = detail::estimate_cost(in, c.st, o.causal);
+        if (calibrate && rates.flops_per_s == 0 && c.st == Strategy::uaa && row.attention > 0 &&
             row.exchange > 0) {
           rates.flops_per_s = row.cost.max_flops / (row.attention * 1e-3);
           rates.bytes_per_s = static_cast<double>(row.cost.max_moved) / (row.exchange * 1e-3);

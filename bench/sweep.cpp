@@ -55,16 +55,21 @@ Workload (a preset, or --heads/--head-dim):
 Strategies and timing:
   --strategies LIST      default uaa,ulysses_pad,ulysses,allgather_kv (ulysses skips totals that do
                          not divide)
-  --iters N              timed calls per (strategy, sequence), default 5, after --warmup N (1)
+  --iters N              timed rounds per sequence, default 5, after --warmup N (1) untimed rounds.
+                         In a round every strategy that can run makes one call, followed by its
+                         raw MPI_Alltoallv; the first strategy rotates from round to round.
 Output:
   --json                 one JSON object per line per (strategy, sequence)
   --csv FILE  --plot FILE.png (gnuplot)
   --compute-gflops G --exchange-gbps B   model rates (default: calibrated from the first uaa row)
 
-Phases are medians over the timed calls, then the maximum over ranks. Every exchange is preceded
+Phases are medians over the timed rounds, then the maximum over ranks. Every exchange is preceded
 by a barrier that is timed separately (wait_ms), so exchange_ms (pack + both exchanges + unpack)
 is data movement, not skew. raw_alltoallv_ms: MPI_Alltoallv of exactly the same per-peer byte
-counts (both exchanges), timed in the same run the same way.
+counts (both exchanges), timed in the same rounds the same way. Paired per round, so the machine's
+drift cancels (each call's time is the maximum over ranks before the ratio):
+  ratio_to_uaa           median over rounds of total_ms / uaa's total_ms (null without uaa)
+  exchange_ratio_to_raw  median over rounds of exchange_ms / raw_alltoallv_ms
 )";
 
 const char* const kPlanUsage = R"(usage: uaa plan --ranks P[,P...] [options]

@@ -15,6 +15,19 @@
 
 namespace uaa {
 
+// A strided region of bytes in one process: n0 blocks s0 bytes apart, each block n1 runs s1 bytes
+// apart, each run `run` contiguous bytes. Bytes are visited block by block, run by run.
+struct StridedBytes {
+  std::uintptr_t address = 0;
+  std::int64_t n0 = 1, s0 = 0, n1 = 1, s1 = 0, run = 0;
+  std::int64_t bytes() const { return n0 * n1 * run; }
+};
+// Copy of `from` (in peer `peer`'s memory) into `to` (in this process); both the same bytes().
+struct PeerRead {
+  int peer = 0;
+  StridedBytes from, to;
+};
+
 class Communicator : public std::enable_shared_from_this<Communicator> {
  public:
   virtual ~Communicator() = default;
@@ -37,6 +50,15 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
                          std::span<const std::int64_t> recv_counts,
                          std::span<const std::int64_t> recv_displs,
                          std::int64_t max_total_bytes) = 0;
+
+  // Optional capability: single-copy reads of peers' memory (e.g. ranks on one node via Linux
+  // cross-memory attach). Same answer on every rank of the communicator. Default: false.
+  virtual bool can_read_peers() const { return false; }
+  // Performs every read (not collective; the caller synchronizes with its peers, e.g. with
+  // allgather, so that the memory read is ready and stays valid). Throws uaa::Error
+  // (unsupported when !can_read_peers(); invalid_argument for a malformed read; comm_failure
+  // when the OS refuses), naming this rank, the peer and the values. Default: throws unsupported.
+  virtual void read_peers(std::span<const PeerRead> reads);
 
   // Process-unique identity of this communicator object (plans remember which one built them).
   std::uint64_t id() const { return id_; }

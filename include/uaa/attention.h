@@ -17,7 +17,7 @@
 // output, another communicator) makes forward() throw uaa::Error on *every* rank, naming the rank and
 // the values; the caller's out/lse are then untouched on every rank. Ranks that call with different
 // plans, or out of step (one skipped a call), get ErrorCode::mismatch on every rank. Each call opens
-// with a handshake (an all-gather of one 256-byte header per rank) that makes this possible.
+// with a handshake (an all-gather of one 512-byte header per rank) that makes this possible.
 //
 // Output rows must be nested: with the two strides sorted, the smaller one is at least head_dim and
 // the larger one at least the extent of the smaller axis (true of every dense or padded layout).
@@ -49,7 +49,7 @@ struct PhaseTimes {
   // before each exchange and reports that wait in `wait`, so the exchange phases measure data
   // movement only, not the skew of the phase before them. Costs one extra collective per exchange.
   bool sync_exchanges = false;
-  double handshake = 0;  // all-gather of the 256-byte call headers (validation, plan, call index)
+  double handshake = 0;  // all-gather of the 512-byte call headers (validation, plan, call index)
   double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, total = 0;
   double wait = 0;       // time in the sync_exchanges waits (0 without it)
 };

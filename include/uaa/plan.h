@@ -111,7 +111,7 @@ class Plan {
   std::int64_t kv_head_end(int rank) const;
 
   // Bytes this rank sends to other ranks in all exchanges of one call (the strategy's; padding
-  // included; the 256-byte handshake header per rank is not counted).
+  // included; the 512-byte handshake header per rank is not counted).
   std::int64_t bytes_sent() const;
   std::int64_t bytes_received() const;
   // A 64-bit digest of everything the ranks must agree on (lengths, shape, options).

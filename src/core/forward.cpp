@@ -24,16 +24,25 @@ namespace {
 using detail::cat;
 using detail::Layout;
 
-struct CallHeader {  // 256 bytes per rank per call
+// Where the sender's tensors are, for transports that read peers' memory (Communicator::
+// can_read_peers): peers then copy what they need straight from the caller's buffers. Addresses
+// are the sender's; strides are in elements (lse: floats).
+struct PeerView {
+  std::uint64_t q, k, v, out, lse, out_send;
+  std::int64_t q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, out_ts, out_hs, lse_ts;
+};
+
+struct CallHeader {  // 512 bytes per rank per call
   std::uint64_t magic;
   std::uint64_t fingerprint;  // of the plan the sender called with
   std::uint64_t call_index;   // forward() calls the sender made on this communicator before
   std::int32_t rank;
   std::int32_t status;        // 0 ok, else 1 + ErrorCode
-  char message[224];          // the sender's error message, if any
+  PeerView view;              // filled when the transport reads peers' memory
+  char message[360];          // the sender's error message, if any
 };
-static_assert(sizeof(CallHeader) == 256);
-constexpr std::uint64_t kCallMagic = 0x316c6c6163616175ull;  // "uaacall1"
+static_assert(sizeof(CallHeader) == 512);
+constexpr std::uint64_t kCallMagic = 0x326c6c6163616175ull;  // "uaacall2"
 
 using detail::Clock;
 using detail::ms_since;
@@ -181,6 +190,118 @@ std::int64_t Workspace::bytes_reserved() const {
 
 namespace {
 
+PeerView view_of(const AttentionArgs& a, const AttentionShape& s, const std::byte* out_send) {
+  auto addr = [](const void* p) { return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p)); };
+  PeerView v{};
+  v.q = addr(a.q.data);
+  v.k = addr(a.k.data);
+  v.v = addr(a.v.data);
+  v.out = addr(a.out.data);
+  v.lse = addr(a.lse);
+  v.out_send = addr(out_send);
+  v.q_ts = a.q.token_stride;
+  v.q_hs = a.q.head_stride;
+  v.k_ts = a.k.token_stride;
+  v.k_hs = a.k.head_stride;
+  v.v_ts = a.v.token_stride;
+  v.v_hs = a.v.head_stride;
+  v.out_ts = a.out.token_stride;
+  v.out_hs = a.out.head_stride;
+  v.lse_ts = detail::lse_token_stride(a, s);
+  return v;
+}
+
+void barrier(Communicator& xc, Workspace::Buffers& B) {
+  B.reserve(B.sync, xc.size());
+  const std::byte one{1};
+  xc.allgather(&one, 1, B.sync.data());
+}
+
+// [n0][n1][run] bytes at `base`, n0 blocks s0 apart, n1 runs s1 apart (strides in bytes).
+StridedBytes strided(std::uint64_t base, std::int64_t n0, std::int64_t s0, std::int64_t n1,
+                     std::int64_t s1, std::int64_t run) {
+  return {static_cast<std::uintptr_t>(base), n0, s0, n1, s1, run};
+}
+std::uint64_t at(const void* p, std::int64_t offset_bytes) {
+  return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p) + offset_bytes);
+}
+
+// The q/k/v exchange as reads: straight from each peer's q, k, v into this rank's receive blocks
+// (the same layout the message path receives), one copy per byte and no packing.
+void read_qkv_from_peers(Communicator& xc, const detail::PlanData& plan, const CallHeader* headers,
+                         Workspace::Buffers& B) {
+  const Layout& L = plan.layout;
+  const AttentionShape& s = plan.shape;
+  const int me = L.rank;
+  const std::int64_t es = static_cast<std::int64_t>(dtype_size(s.dtype)), row = s.head_dim * es;
+  const detail::RankWork& work = L.work[me];
+  const std::int64_t nkv = work.kv_heads.size();
+  auto& reads = B.reads;
+  reads.clear();
+  for (int j = 0; j < L.ranks; ++j) {
+    if (j == me) continue;
+    const PeerView& pv = headers[j].view;
+    std::byte* block = B.qkv_recv.data() + L.qkv_recv.displs[j];
+    const detail::QkvBlock& b = L.qkv_recv_block[j];
+    const detail::RowRange theirs = L.q_tokens(j);
+    for (int i = 0; i < work.pieces; ++i) {
+      const detail::WorkPiece& p = work.piece[i];
+      const detail::RowRange rows = detail::rows_held(p, theirs);
+      const std::int64_t n = rows.size(), nh = p.heads.size();
+      if (n == 0) continue;
+      const std::int64_t first = (rows.begin - theirs.begin) * pv.q_ts + p.heads.begin * pv.q_hs;
+      reads.push_back({j, strided(pv.q + first * es, n, pv.q_ts * es, nh, pv.q_hs * es, row),
+                       strided(at(block, b.q[i]), n, nh * row, nh, row, row)});
+    }
+    const std::int64_t nk = plan.kv_lens[j];
+    if (nk == 0 || nkv == 0) continue;
+    reads.push_back({j, strided(pv.k + work.kv_heads.begin * pv.k_hs * es, nk, pv.k_ts * es, nkv,
+                                pv.k_hs * es, row),
+                     strided(at(block, b.k), nk, nkv * row, nkv, row, row)});
+    reads.push_back({j, strided(pv.v + work.kv_heads.begin * pv.v_hs * es, nk, pv.v_ts * es, nkv,
+                                pv.v_hs * es, row),
+                     strided(at(block, b.v), nk, nkv * row, nkv, row, row)});
+  }
+  xc.read_peers(reads);
+}
+
+// The output exchange as reads: each peer's output block for this rank, straight into the
+// caller's out and lse (no unpacking).
+void read_out_from_peers(Communicator& xc, const detail::PlanData& plan, const AttentionArgs& args,
+                         const CallHeader* headers, Workspace::Buffers& B) {
+  const Layout& L = plan.layout;
+  const AttentionShape& s = plan.shape;
+  const int me = L.rank;
+  const std::int64_t es = static_cast<std::int64_t>(dtype_size(s.dtype)), row = s.head_dim * es;
+  const detail::RowRange mine = L.q_tokens(me);
+  const std::int64_t lse_ts = detail::lse_token_stride(args, s);
+  const Tensor& out = args.out;
+  auto& reads = B.reads;
+  reads.clear();
+  for (int j = 0; j < L.ranks; ++j) {
+    if (j == me) continue;
+    const std::uint64_t block = headers[j].view.out_send + L.out_displ_at_peer[j];
+    const detail::OutBlock& ob = L.out_recv_block[j];
+    const detail::RankWork& w = L.work[j];
+    for (int i = 0; i < w.pieces; ++i) {
+      const detail::WorkPiece& p = w.piece[i];
+      const detail::RowRange rows = detail::rows_held(p, mine);
+      const std::int64_t n = rows.size(), nh = p.heads.size(), t0 = rows.begin - mine.begin;
+      if (n == 0) continue;
+      reads.push_back({j, strided(block + ob.o[i], n, nh * row, nh, row, row),
+                       strided(at(out.data, (t0 * out.token_stride + p.heads.begin * out.head_stride) * es),
+                               n, out.token_stride * es, nh, out.head_stride * es, row)});
+      if (args.lse) {
+        const std::int64_t lse_row = nh * static_cast<std::int64_t>(sizeof(float));
+        reads.push_back({j, strided(block + ob.lse[i], n, lse_row, 1, 0, lse_row),
+                         strided(at(args.lse + t0 * lse_ts + p.heads.begin, 0), n,
+                                 lse_ts * static_cast<std::int64_t>(sizeof(float)), 1, 0, lse_row)});
+      }
+    }
+  }
+  xc.read_peers(reads);
+}
+
 void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionArgs& args,
                   Workspace& ws, PhaseTimes* times) {
   const auto t_start = Clock::now();
@@ -210,7 +331,18 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
     std::strncpy(header.message, msg.c_str(), sizeof header.message - 1);
   }
 
+  // Buffers first: with peer reads the handshake publishes where this rank's output blocks are.
   Workspace::Buffers& B = ws.buffers();
+  const bool peer_reads = s.strategy == Strategy::uaa && L.ranks > 1 && xc.can_read_peers();
+  if (s.strategy == Strategy::uaa) {
+    B.reserve(B.qkv_recv, L.qkv_recv.total);
+    B.reserve(B.out_send, L.out_send.total);
+    if (!peer_reads) {
+      B.reserve(B.qkv_send, L.qkv_send.total);
+      B.reserve(B.out_recv, L.out_recv.total);
+    }
+  }
+  if (peer_reads && problem.empty()) header.view = view_of(args, s, B.out_send.data());
   B.reserve(B.headers, static_cast<std::int64_t>(L.ranks * sizeof(CallHeader)));
   auto* headers = reinterpret_cast<CallHeader*>(B.headers.data());
   const auto t_handshake = Clock::now();
@@ -238,11 +370,6 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
     return;
   }
 
-  B.reserve(B.qkv_send, L.qkv_send.total);
-  B.reserve(B.qkv_recv, L.qkv_recv.total);
-  B.reserve(B.out_send, L.out_send.total);
-  B.reserve(B.out_recv, L.out_recv.total);
-
   // Pack: one copy of my tokens per destination: of each of its work pieces the rows I hold, and
   // the key/value heads it reads.
   const auto t_pack = Clock::now();
@@ -250,7 +377,7 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
   const std::int64_t row = s.head_dim * static_cast<std::int64_t>(es);
   const detail::RowRange mine = L.q_tokens(me);
   std::byte* send = B.qkv_send.data();
-  for (int j = 0; j < L.ranks; ++j) {
+  for (int j = 0; j < L.ranks && !peer_reads; ++j) {
     if (j == me) continue;
     std::byte* block = send + L.qkv_send.displs[j];
     const detail::QkvBlock& b = L.qkv_send_block[j];
@@ -273,8 +400,12 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
   detail::sync_point(xc, sync, B, wait_ms);
   const auto t_x1 = Clock::now();
   std::byte* recv = B.qkv_recv.data();
-  xc.alltoallv(send, L.qkv_send.counts, L.qkv_send.displs, recv, L.qkv_recv.counts,
-               L.qkv_recv.displs, L.qkv_max_total);
+  if (peer_reads) {
+    read_qkv_from_peers(xc, plan, headers, B);
+  } else {
+    xc.alltoallv(send, L.qkv_send.counts, L.qkv_send.displs, recv, L.qkv_recv.counts,
+                 L.qkv_recv.displs, L.qkv_max_total);
+  }
   const double x1_ms = ms_since(t_x1);
 
   // Attention, one kernel call per work piece, over all tokens of its rows; my own tokens are read
@@ -340,13 +471,21 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
 
   detail::sync_point(xc, sync, B, wait_ms);
   const auto t_x2 = Clock::now();
-  xc.alltoallv(B.out_send.data(), L.out_send.counts, L.out_send.displs, B.out_recv.data(),
-               L.out_recv.counts, L.out_recv.displs, L.out_max_total);
+  if (peer_reads) {
+    // Every kernel is done (so every block I read is written) and every peer has read my inputs;
+    // after my reads, a second barrier keeps each rank's blocks alive until all have read them.
+    barrier(xc, B);
+    read_out_from_peers(xc, plan, args, headers, B);
+    barrier(xc, B);
+  } else {
+    xc.alltoallv(B.out_send.data(), L.out_send.counts, L.out_send.displs, B.out_recv.data(),
+                 L.out_recv.counts, L.out_recv.displs, L.out_max_total);
+  }
   const double x2_ms = ms_since(t_x2);
 
   // Unpack: peer j computed, of each of its pieces, the rows I hold.
   const auto t_unpack = Clock::now();
-  for (int j = 0; j < L.ranks; ++j) {
+  for (int j = 0; j < L.ranks && !peer_reads; ++j) {
     if (j == me) continue;
     const std::byte* block = B.out_recv.data() + L.out_recv.displs[j];
     const detail::RankWork& w = L.work[j];

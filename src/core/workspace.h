@@ -46,6 +46,7 @@ struct Workspace::Buffers {
   std::vector<detail::OutSegment> oseg;
   std::vector<detail::TokenSegment> pad_qseg;  // ulysses_pad: the padded query rows
   std::vector<detail::OutSegment> pad_oseg;
+  std::vector<PeerRead> reads;  // peer-read transports: this call's copies
   std::int64_t grows = 0;
   void reserve(AlignedBuffer& b, std::int64_t bytes) { grows += b.reserve(bytes) ? 1 : 0; }
 };

@@ -194,6 +194,14 @@ Layout compute_layout(const LayoutInput& in) {
     os[j] = L.out_send_block[j].bytes;
     orr[j] = L.out_recv_block[j].bytes;
   }
+  L.out_displ_at_peer.assign(L.ranks, 0);
+  for (int j = 0; j < L.ranks; ++j) {
+    if (j == r) continue;
+    std::int64_t at = 0;  // j's out_send buffer: blocks by destination k, as place() lays them
+    for (int k = 0; k < r; ++k)
+      if (k != j) at += align_up(out_block(L.q_tokens(k), L.work[j], row, in.with_lse).bytes, kBlockAlign);
+    L.out_displ_at_peer[j] = at;
+  }
   place(L.qkv_send, qs);
   place(L.qkv_recv, qr);
   place(L.out_send, os);

@@ -116,6 +116,9 @@ struct Layout {
   ExchangeSide qkv_send, qkv_recv, out_send, out_recv;
   std::vector<QkvBlock> qkv_send_block, qkv_recv_block;  // per peer
   std::vector<OutBlock> out_send_block, out_recv_block;  // per peer
+  // Where the block peer j returns to this rank starts in j's out_send buffer (for transports that
+  // read peers' memory instead of sending messages).
+  std::vector<std::int64_t> out_displ_at_peer;
   // Largest send or receive buffer of *any* rank in each exchange: the same number on every rank,
   // handed to Communicator::alltoallv (see there).
   std::int64_t qkv_max_total = 0, out_max_total = 0;

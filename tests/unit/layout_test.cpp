@@ -299,6 +299,8 @@ void check_config(const Config& c) {
       EXPECT_EQ(a.out_send_block[j].o, b.out_recv_block[r].o);
       EXPECT_EQ(a.out_send_block[j].lse, b.out_recv_block[r].lse);
       EXPECT_EQ(a.out_send_block[j].bytes, b.out_recv_block[r].bytes);
+      // Peer reads: j finds r's output block for it where r's own layout put it.
+      EXPECT_EQ(b.out_displ_at_peer[r], a.out_send.displs[j]);
 
       // Inside a q/k/v block: the Q pieces, then K, V, each 64-byte aligned and large enough for
       // its payload.

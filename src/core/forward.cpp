@@ -24,12 +24,12 @@ namespace {
 using detail::cat;
 using detail::Layout;
 
-// Where the sender's tensors are, for transports that read peers' memory (Communicator::
-// can_read_peers): peers then copy what they need straight from the caller's buffers. Addresses
-// are the sender's; strides are in elements (lse: floats).
+// What peers read of the sender, for transports that read peers' memory (Communicator::
+// can_read_peers): its q, k, v (strides in elements) and its output blocks. Addresses are the
+// sender's. (Nobody reads a peer's out or lse: each rank writes its own.)
 struct PeerView {
-  std::uint64_t q, k, v, out, lse, out_send;
-  std::int64_t q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, out_ts, out_hs, lse_ts;
+  std::uint64_t q, k, v, out_send;
+  std::int64_t q_ts, q_hs, k_ts, k_hs, v_ts, v_hs;
 };
 
 struct CallHeader {  // 512 bytes per rank per call
@@ -39,7 +39,7 @@ struct CallHeader {  // 512 bytes per rank per call
   std::int32_t rank;
   std::int32_t status;        // 0 ok, else 1 + ErrorCode
   PeerView view;              // filled when the transport reads peers' memory
-  char message[360];          // the sender's error message, if any
+  char message[400];          // the sender's error message, if any
 };
 static_assert(sizeof(CallHeader) == 512);
 constexpr std::uint64_t kCallMagic = 0x326c6c6163616175ull;  // "uaacall2"
@@ -190,14 +190,12 @@ std::int64_t Workspace::bytes_reserved() const {
 
 namespace {
 
-PeerView view_of(const AttentionArgs& a, const AttentionShape& s, const std::byte* out_send) {
+PeerView view_of(const AttentionArgs& a, const std::byte* out_send) {
   auto addr = [](const void* p) { return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p)); };
   PeerView v{};
   v.q = addr(a.q.data);
   v.k = addr(a.k.data);
   v.v = addr(a.v.data);
-  v.out = addr(a.out.data);
-  v.lse = addr(a.lse);
   v.out_send = addr(out_send);
   v.q_ts = a.q.token_stride;
   v.q_hs = a.q.head_stride;
@@ -205,16 +203,7 @@ PeerView view_of(const AttentionArgs& a, const AttentionShape& s, const std::byt
   v.k_hs = a.k.head_stride;
   v.v_ts = a.v.token_stride;
   v.v_hs = a.v.head_stride;
-  v.out_ts = a.out.token_stride;
-  v.out_hs = a.out.head_stride;
-  v.lse_ts = detail::lse_token_stride(a, s);
   return v;
-}
-
-void barrier(Communicator& xc, Workspace::Buffers& B) {
-  B.reserve(B.sync, xc.size());
-  const std::byte one{1};
-  xc.allgather(&one, 1, B.sync.data());
 }
 
 // [n0][n1][run] bytes at `base`, n0 blocks s0 apart, n1 runs s1 apart (strides in bytes).
@@ -342,7 +331,7 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
       B.reserve(B.out_recv, L.out_recv.total);
     }
   }
-  if (peer_reads && problem.empty()) header.view = view_of(args, s, B.out_send.data());
+  if (peer_reads && problem.empty()) header.view = view_of(args, B.out_send.data());
   B.reserve(B.headers, static_cast<std::int64_t>(L.ranks * sizeof(CallHeader)));
   auto* headers = reinterpret_cast<CallHeader*>(B.headers.data());
   const auto t_handshake = Clock::now();
@@ -474,9 +463,9 @@ void forward_impl(Communicator& comm, const Plan& plan_handle, const AttentionAr
   if (peer_reads) {
     // Every kernel is done (so every block I read is written) and every peer has read my inputs;
     // after my reads, a second barrier keeps each rank's blocks alive until all have read them.
-    barrier(xc, B);
+    detail::barrier(xc, B);
     read_out_from_peers(xc, plan, args, headers, B);
-    barrier(xc, B);
+    detail::barrier(xc, B);
   } else {
     xc.alltoallv(B.out_send.data(), L.out_send.counts, L.out_send.displs, B.out_recv.data(),
                  L.out_recv.counts, L.out_recv.displs, L.out_max_total);

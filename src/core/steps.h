@@ -114,15 +114,20 @@ struct StepTimes {
   double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, wait = 0;
 };
 
-// With `enabled` (benchmarks only: PhaseTimes::sync_exchanges), waits for every rank with a one-byte
-// all-gather and adds the wait to `wait_ms`, so the exchange that follows measures data movement
-// rather than the skew of the phase before it.
-inline void sync_point(Communicator& xc, bool enabled, Workspace::Buffers& B, double& wait_ms) {
-  if (!enabled) return;
-  const auto t0 = Clock::now();
+// Waits for every rank: a one-byte all-gather (under the transport's deadline).
+inline void barrier(Communicator& xc, Workspace::Buffers& B) {
   B.reserve(B.sync, xc.size());
   const std::byte one{1};
   xc.allgather(&one, 1, B.sync.data());
+}
+
+// With `enabled` (benchmarks only: PhaseTimes::sync_exchanges), a barrier whose wait is added to
+// `wait_ms`, so the exchange that follows measures data movement rather than the skew of the phase
+// before it.
+inline void sync_point(Communicator& xc, bool enabled, Workspace::Buffers& B, double& wait_ms) {
+  if (!enabled) return;
+  const auto t0 = Clock::now();
+  barrier(xc, B);
   wait_ms += ms_since(t0);
 }
 

@@ -18,19 +18,7 @@ std::int64_t peers(const ExchangeSide& side, int me) {
 
 double visible_pairs(std::int64_t first, std::int64_t n, std::int64_t q_total,
                      std::int64_t kv_total, bool causal) {
-  if (n <= 0 || kv_total <= 0) return 0;
-  if (!causal) return static_cast<double>(n) * static_cast<double>(kv_total);
-  // Row i sees clamp(i + kv_total - q_total + 1, 0, kv_total) keys: a clipped arithmetic series.
-  const std::int64_t off = kv_total - q_total + 1;
-  double pairs = 0;
-  const std::int64_t lo = std::max(first, -off + 1);           // first row that sees any key
-  const std::int64_t hi = std::min(first + n, kv_total - off);  // rows below see fewer than all
-  if (hi > lo) pairs += (static_cast<double>(lo + off) + static_cast<double>(hi - 1 + off)) *
-                        static_cast<double>(hi - lo) / 2;
-  const std::int64_t full_from = std::max(first, kv_total - off);
-  if (first + n > full_from)
-    pairs += static_cast<double>(first + n - full_from) * static_cast<double>(kv_total);
-  return pairs;
+  return static_cast<double>(visible_key_pairs(first, n, q_total, kv_total, causal));
 }
 
 CostEstimate estimate_cost(const LayoutInput& in_all, Strategy strategy, bool causal) {

@@ -13,16 +13,7 @@ using Wide = __int128;  // work sums: heads x rows x keys can pass 2^63 before t
 // rows that see no key from being free (they still write a row) and every weight positive.
 Wide row_work_prefix(std::int64_t n, const WorkInput& in) {
   if (n <= 0) return 0;
-  Wide w = n;
-  const std::int64_t K = in.kv_total;
-  if (!in.causal) return w + static_cast<Wide>(n) * K;
-  // Row i sees clamp(i + c, 0, K) keys (kernel.h's causal convention).
-  const std::int64_t c = K - in.q_total + 1;
-  const std::int64_t lo = std::max<std::int64_t>(0, 1 - c), hi = std::min(n, K - c);
-  if (hi > lo) w += static_cast<Wide>(lo + c + hi - 1 + c) * (hi - lo) / 2;
-  const std::int64_t full = std::max<std::int64_t>(0, K - c);  // rows from here see all K keys
-  if (n > full) w += static_cast<Wide>(n - full) * K;
-  return w;
+  return n + visible_key_pairs(0, n, in.q_total, in.kv_total, in.causal);
 }
 
 struct Cut {
@@ -30,6 +21,21 @@ struct Cut {
 };
 
 }  // namespace
+
+Wide visible_key_pairs(std::int64_t first, std::int64_t n, std::int64_t q_total,
+                       std::int64_t kv_total, bool causal) {
+  if (n <= 0 || kv_total <= 0) return 0;
+  if (!causal) return static_cast<Wide>(n) * kv_total;
+  // Row i sees clamp(i + c, 0, kv_total) keys: a clipped arithmetic series.
+  const std::int64_t c = kv_total - q_total + 1;
+  const std::int64_t lo = std::max(first, 1 - c);               // first row that sees any key
+  const std::int64_t hi = std::min(first + n, kv_total - c);    // rows below see fewer than all
+  Wide pairs = 0;
+  if (hi > lo) pairs += static_cast<Wide>(lo + c + hi - 1 + c) * (hi - lo) / 2;
+  const std::int64_t full = std::max(first, kv_total - c);      // rows from here see all keys
+  if (first + n > full) pairs += static_cast<Wide>(first + n - full) * kv_total;
+  return pairs;
+}
 
 WorkInput work_input(const LayoutInput& in) {
   WorkInput w;

@@ -64,6 +64,12 @@ struct WorkInput {
   int ranks = 1;
 };
 
+// (query, key) pairs that global query rows [first, first + n) may attend under plan.h's causal
+// convention (all kv_total keys each when not causal). Exact: sums of heads x rows x keys can pass
+// 2^63. The split weighs rows by it; the cost model counts FLOPs with it.
+__int128 visible_key_pairs(std::int64_t first, std::int64_t n, std::int64_t q_total,
+                           std::int64_t kv_total, bool causal);
+
 // The split described above, one entry per rank. Precondition: validated shape.
 std::vector<RankWork> split_work(const WorkInput& in);
 

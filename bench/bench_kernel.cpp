@@ -25,7 +25,6 @@
 #include "kernels/kernel.h"
 #include "uaa/bf16.h"
 #include "uaa/error.h"
-#include "uaa/threads.h"
 #include "uaa/types.h"
 
 namespace {
@@ -162,7 +161,6 @@ int bench_kernel_main(int argc, char** argv) {
                  o.kernel.c_str(), uaa::dtype_name(o.dtype));
     return 2;
   }
-  uaa::set_num_threads(o.threads);
   openblas_set_num_threads(o.threads);
 
   const std::int64_t Sq = o.seq, Skv = o.kv_seq, H = o.heads, D = o.head_dim;
@@ -197,6 +195,7 @@ int bench_kernel_main(int argc, char** argv) {
   p.kv_total = Skv;
   p.scale = scale;
   p.causal = o.causal;
+  p.threads = o.threads;  // the kernel's threads (it does not read uaa::num_threads())
   const std::size_t bytes = (kernel->scratch_bytes(p) + 127) / 64 * 64;
   std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
   p.scratch = scratch.get();

@@ -28,6 +28,7 @@
 #include "bench_strategies.h"
 #include "plan/cost_model.h"
 #include "plan/plan_data.h"
+#include "program/program.h"
 #include "presets.h"
 #include "sweep.h"
 #include "uaa/bf16.h"
@@ -87,35 +88,43 @@ struct Shard {
   Tensor view() { return contiguous(bytes.data(), tokens, heads, dim, dtype); }
 };
 
-// One exchange's per-peer byte counts as the plan gives them.
+// One exchange of a plan's program as per-peer byte counts, packed in peer order. The parts a
+// rank exchanges with itself count too (ulysses and ulysses_pad route the rank's own block through
+// the exchange; MPI_Alltoallv copies it locally as well).
 struct Side {
-  const std::vector<std::int64_t> *sc, *sd, *rc, *rd;
-  std::int64_t send_total, recv_total;
+  std::vector<std::int64_t> sc, sd, rc, rd;
+  std::int64_t send_total = 0, recv_total = 0;
 };
 
-std::vector<Side> exchanges_of(const detail::PlanData& d) {
-  switch (d.shape.strategy) {
-    case Strategy::ulysses:
-    case Strategy::ulysses_pad: {
-      const auto& L = d.padded;
-      return {{&L.qkv_send.counts, &L.qkv_send.displs, &L.qkv_recv.counts, &L.qkv_recv.displs,
-               L.qkv_send.total, L.qkv_recv.total},
-              {&L.out_send.counts, &L.out_send.displs, &L.out_recv.counts, &L.out_recv.displs,
-               L.out_send.total, L.out_recv.total}};
-    }
-    case Strategy::allgather_kv: {
-      const auto& L = d.gather;
-      return {{&L.send.counts, &L.send.displs, &L.recv.counts, &L.recv.displs, L.send.total,
-               L.recv.total}};
-    }
-    case Strategy::uaa:
-      break;
+void per_peer(const std::vector<detail::Part>& parts, const std::vector<detail::PeerParts>& peers,
+              std::vector<std::int64_t>& counts, std::vector<std::int64_t>& displs, std::int64_t& total) {
+  for (const detail::PeerParts& pp : peers)
+    for (std::uint32_t i = pp.begin; i < pp.end; ++i)
+      counts[static_cast<std::size_t>(pp.peer)] += parts[i].bytes();
+  total = 0;
+  for (std::size_t j = 0; j < counts.size(); ++j) {
+    displs[j] = total;
+    total += counts[j];
   }
-  const auto& L = d.layout;
-  return {{&L.qkv_send.counts, &L.qkv_send.displs, &L.qkv_recv.counts, &L.qkv_recv.displs,
-           L.qkv_send.total, L.qkv_recv.total},
-          {&L.out_send.counts, &L.out_send.displs, &L.out_recv.counts, &L.out_recv.displs,
-           L.out_send.total, L.out_recv.total}};
+}
+
+Side side_of(const detail::ExchangeStep& x, int P) {
+  const std::size_t n = static_cast<std::size_t>(P);
+  Side s;
+  s.sc.assign(n, 0);
+  s.sd.assign(n, 0);
+  s.rc.assign(n, 0);
+  s.rd.assign(n, 0);
+  per_peer(x.send_parts, x.send, s.sc, s.sd, s.send_total);
+  per_peer(x.recv_parts, x.recv, s.rc, s.rd, s.recv_total);
+  return s;
+}
+
+// The exchanges of the plan's program: q/k/v in and output back (allgather_kv: K/V in only).
+std::vector<Side> exchanges_of(const Plan& plan) {
+  const detail::Program& prog = detail::plan_data(plan).forward;
+  if (plan.options().strategy == Strategy::allgather_kv) return {side_of(prog.in, plan.ranks())};
+  return {side_of(prog.in, plan.ranks()), side_of(prog.out, plan.ranks())};
 }
 
 // One exchange of a strategy as a plain MPI_Alltoallv of MPI_BYTE: the plan's per-peer byte counts.
@@ -129,7 +138,7 @@ bool raw_sides(const std::vector<Side>& sides, MPI_Comm comm, std::vector<RawSid
   out->clear();
   bool fits = true;
   for (const Side& s : sides) {
-    const std::size_t P = s.sc->size();
+    const std::size_t P = s.sc.size();
     RawSide r;
     r.sc.resize(P);
     r.sd.resize(P);
@@ -139,10 +148,10 @@ bool raw_sides(const std::vector<Side>& sides, MPI_Comm comm, std::vector<RawSid
     r.recv_total = s.recv_total;
     fits = fits && s.send_total < INT_MAX && s.recv_total < INT_MAX;
     for (std::size_t j = 0; j < P && fits; ++j) {
-      r.sc[j] = static_cast<int>((*s.sc)[j]);
-      r.sd[j] = static_cast<int>((*s.sd)[j]);
-      r.rc[j] = static_cast<int>((*s.rc)[j]);
-      r.rd[j] = static_cast<int>((*s.rd)[j]);
+      r.sc[j] = static_cast<int>(s.sc[j]);
+      r.sd[j] = static_cast<int>(s.sd[j]);
+      r.rc[j] = static_cast<int>(s.rc[j]);
+      r.rd[j] = static_cast<int>(s.rd[j]);
     }
     out->push_back(std::move(r));
   }
@@ -378,9 +387,10 @@ int run(const SweepOptions& o, int me, int P) {
       shape.head_dim = o.head_dim;
       shape.dtype = o.dtype;
       shape.causal = o.causal;
-      shape.strategy = c.st;
+      PlanOptions options;
+      options.strategy = c.st;
       try {
-        c.plan = std::make_unique<Plan>(Plan::create(*comm, shape, n, n));
+        c.plan = std::make_unique<Plan>(Plan::create(*comm, shape, n, n, options));
       } catch (const Error& e) {  // the same on every rank
         c.row.error = e.what();
         continue;
@@ -390,7 +400,7 @@ int run(const SweepOptions& o, int me, int P) {
       c.args.k = k.cview();
       c.args.v = v.cview();
       c.args.out = c.out->view();
-      c.raw_ok = raw_sides(exchanges_of(c.plan->data()), world, &c.raw);
+      c.raw_ok = raw_sides(exchanges_of(*c.plan), world, &c.raw);
       for (const RawSide& r : c.raw) {
         raw_send_max = std::max(raw_send_max, r.send_total);
         raw_recv_max = std::max(raw_recv_max, r.recv_total);
@@ -414,7 +424,7 @@ int run(const SweepOptions& o, int me, int P) {
         PhaseTimes t;
         t.sync_exchanges = true;
         MPI_Barrier(world);
-        forward(*comm, *c.plan, c.args, c.ws, &t);
+        forward(*c.plan, c.args, c.ws, &t);
         if (i >= 0) {
           const double vals[kPhases] = {t.total, t.pack + t.exchange_qkv + t.exchange_out + t.unpack,
                                         t.attention, t.wait, t.pack, t.exchange_qkv, t.exchange_out,
@@ -517,14 +527,15 @@ int run(const SweepOptions& o, int me, int P) {
         MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, world);
         row.bitwise = all_same != 0 && uaa_c != nullptr;
         if (!uaa_c) row.max_abs_err = NAN;
-        detail::LayoutInput in;
-        in.q_lens = lens;
-        in.kv_lens = lens;
-        in.q_heads = o.heads;
-        in.kv_heads = o.kv_heads;
-        in.head_dim = o.head_dim;
-        in.elem_bytes = static_cast<std::int64_t>(dtype_size(o.dtype));
-        row.cost = detail::estimate_cost(in, c.st, o.causal);
+        detail::Geometry g;
+        g.q_lens = lens;
+        g.kv_lens = lens;
+        g.q_heads = o.heads;
+        g.kv_heads = o.kv_heads;
+        g.head_dim = o.head_dim;
+        g.elem_bytes = static_cast<std::int64_t>(dtype_size(o.dtype));
+        g.causal = o.causal;
+        row.cost = detail::estimate_cost(g, c.st);
         if (calibrate && rates.flops_per_s == 0 && c.st == Strategy::uaa && row.attention > 0 &&
             row.exchange > 0) {
           rates.flops_per_s = row.cost.max_flops / (row.attention * 1e-3);

@@ -6,18 +6,23 @@
 //   args.k = uaa::contiguous(k.data(), plan.kv_tokens(), 8, 128);    // [Skv_local][Hkv][D]
 //   args.v = uaa::contiguous(v.data(), plan.kv_tokens(), 8, 128);
 //   args.out = uaa::contiguous(o.data(), plan.q_tokens(), 24, 128);  // [S_local][Hq][D]
-//   uaa::forward(*comm, plan, args, ws);     // collective over comm
+//   uaa::forward(plan, args, ws);            // collective over the plan's communicator
 //
-// What happens: q, k, v are packed by destination (one copy), exchanged with uneven counts so every
-// rank holds all tokens of its heads, attention runs on those heads, and the output goes back to the
-// ranks that own the tokens. The result is bitwise identical for every number of ranks and every
-// split of the tokens: P ranks produce exactly what one rank produces for the whole sequence.
+// What happens: the plan's program for this rank runs. q, k, v rows go to the ranks that compute
+// their heads (uneven counts, no padding), attention runs on those (head, row) ranges, and the
+// output goes back to the ranks that own the tokens; the rank's own rows never travel. The result is
+// bitwise identical for every number of ranks and every split of the tokens: P ranks produce exactly
+// what one rank produces for the whole sequence (when every rank runs the same kernel variant).
 //
-// Errors: any invalid argument on any rank (wrong token count, heads, strides, dtype, overlapping
-// output, another communicator) makes forward() throw uaa::Error on *every* rank, naming the rank and
-// the values; the caller's out/lse are then untouched on every rank. Ranks that call with different
-// plans, or out of step (one skipped a call), get ErrorCode::mismatch on every rank. Each call opens
-// with a handshake (an all-gather of one 512-byte header per rank) that makes this possible.
+// Errors: each call opens with an agreement (64 bytes per rank, O(log P) messages) in which every
+// rank reports its verdict on its arguments and set-up (workspace memory, thread count, kernel). Any
+// problem on any rank (wrong token count, heads, strides, dtype, overlapping output, a failed
+// allocation, a bad UAA_NUM_THREADS) makes forward() throw the same uaa::Error on *every* rank,
+// naming the rank and the values; the caller's out/lse are then untouched on every rank and the
+// communicator stays usable. Ranks that call with different plans, out of step (one skipped a call),
+// or with different kernel variants get ErrorCode::mismatch on every rank. A failure after the
+// agreement (a transport error, a deadline) reaches every rank as the failing rank's error; see
+// docs/FAILURE_MODEL.md.
 //
 // Output rows must be nested: with the two strides sorted, the smaller one is at least head_dim and
 // the larger one at least the extent of the smaller axis (true of every dense or padded layout).
@@ -31,6 +36,12 @@
 #include "uaa/types.h"
 
 namespace uaa {
+
+class Workspace;
+namespace detail {
+struct WorkspaceBuffers;
+WorkspaceBuffers& workspace_buffers(Workspace& ws);
+}  // namespace detail
 
 struct AttentionArgs {
   ConstTensor q;          // [plan.q_tokens()][Hq][D]
@@ -49,7 +60,7 @@ struct PhaseTimes {
   // before each exchange and reports that wait in `wait`, so the exchange phases measure data
   // movement only, not the skew of the phase before them. Costs one extra collective per exchange.
   bool sync_exchanges = false;
-  double handshake = 0;  // all-gather of the 512-byte call headers (validation, plan, call index)
+  double handshake = 0;  // the call's agreement (verdicts, plan, call index, kernel) and set-up
   double pack = 0, exchange_qkv = 0, attention = 0, exchange_out = 0, unpack = 0, total = 0;
   double wait = 0;       // time in the sync_exchanges waits (0 without it)
 };
@@ -65,16 +76,20 @@ class Workspace {
   std::int64_t bytes_reserved() const;  // total bytes held
   std::int64_t grow_count() const;      // how many times a buffer had to grow (allocation count)
 
-  struct Buffers;
-  Buffers& buffers() { return *buffers_; }
 
  private:
-  std::unique_ptr<Buffers> buffers_;
+  friend detail::WorkspaceBuffers& detail::workspace_buffers(Workspace&);
+  std::unique_ptr<detail::WorkspaceBuffers> buffers_;
 };
 
-// Collective over `comm`, which must be the communicator the plan was built with.
-void forward(Communicator& comm, const Plan& plan, const AttentionArgs& args, Workspace& ws,
-             PhaseTimes* times = nullptr);
+// Collective over the communicator the plan was built with.
+void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTimes* times = nullptr);
+
+// What the last forward() call with `ws` did, for reports.
+struct CallReport {
+  bool peer_memory = false;  // data moved by single-copy peer reads/writes (else messages)
+};
+CallReport last_call(const Workspace& ws);
 
 // Name of the attention kernel forward() uses in this process (chosen once, best first).
 const char* kernel_name();

@@ -25,6 +25,7 @@ enum class ErrorCode {
   comm_failure,      // the transport reported an error
   timeout,           // a peer did not arrive in time
   internal,          // a bug in uaa: please report
+  out_of_memory,     // a rank could not allocate what the call needs (its workspace)
 };
 
 const char* error_code_name(ErrorCode code);

@@ -75,43 +75,62 @@ struct AttentionShape {
   bool causal = false;        // see the causal convention above
   float scale = 0.0f;         // softmax scale; 0 means 1/sqrt(head_dim)
   bool return_lse = false;    // forward() also returns the log-sum-exp of every (token, head)
-  Strategy strategy = Strategy::uaa;  // how the work is distributed (see above)
+};
+
+// Choices that are not part of the attention itself; every rank must make the same ones (they are
+// part of the plan's fingerprint).
+struct PlanOptions {
+  Strategy strategy = Strategy::uaa;  // how the work is distributed (see above); benchmarks
+  // Ranks whose processes run different kernel variants (e.g. UAA_ISA=avx2 on one rank) are
+  // refused by default with ErrorCode::mismatch, because the bitwise equality of P-rank and
+  // 1-rank results holds only when every rank runs the same kernel. true allows them: results
+  // then agree with the float64 reference within the kernels' tolerance, not bitwise.
+  bool allow_mixed_kernels = false;
 };
 
 inline constexpr std::int64_t kMaxHeadDim = 256;
 
+class Plan;
 namespace detail {
 struct PlanData;
-}
+const PlanData& plan_data(const Plan& plan);
+}  // namespace detail
 
 class Plan {
  public:
   // Collective over `comm`: exactly one all-gather of a fixed-size record per rank. Throws the same
   // uaa::Error on every rank if any rank's input is invalid or the ranks disagree on the shape.
   static Plan create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
-                     std::int64_t kv_tokens);
+                     std::int64_t kv_tokens, const PlanOptions& options = {});
 
   // No communication: all ranks' lengths are given (one entry per rank, identical on every rank).
+  // A value that is wrong in itself (negative length, bad shape) throws at once: every rank is given
+  // the same lengths, so every rank throws. A problem of this process only (its kernel cannot run
+  // the dtype) does not throw here: the plan is returned unusable and its first forward() raises
+  // that problem on every rank, so no rank is left waiting for one that gave up alone.
   static Plan from_lengths(Communicator& comm, const AttentionShape& shape,
-                           std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens);
+                           std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens,
+                           const PlanOptions& options = {});
 
   int ranks() const;
   int rank() const;
   const AttentionShape& shape() const;  // normalized: kv_heads and scale filled in
+  const PlanOptions& options() const;
+  Communicator& communicator() const;   // the one it was built with (kept alive by the plan)
   const std::vector<std::int64_t>& q_lens() const;
   const std::vector<std::int64_t>& kv_lens() const;
   std::int64_t q_tokens() const;   // this rank's
   std::int64_t kv_tokens() const;  // this rank's
   std::int64_t q_total() const;
   std::int64_t kv_total() const;
-  WorkRange work(int rank) const;               // the uaa strategy's split (see above)
+  WorkRange work(int rank) const;               // the uaa strategy's split (see above); rank in [0, ranks())
   std::int64_t q_head_begin(int rank) const;    // query heads of which `rank` computes some rows
   std::int64_t q_head_end(int rank) const;
   std::int64_t kv_head_begin(int rank) const;   // kv heads received by `rank`
   std::int64_t kv_head_end(int rank) const;
 
-  // Bytes this rank sends to other ranks in all exchanges of one call (the strategy's; padding
-  // included; the 512-byte handshake header per rank is not counted).
+  // Bytes this rank sends to / receives from other ranks in the exchanges of one forward() call
+  // (the strategy's, padding included; the 64-byte agreement is not counted).
   std::int64_t bytes_sent() const;
   std::int64_t bytes_received() const;
   // A 64-bit digest of everything the ranks must agree on (lengths, shape, options).
@@ -119,9 +138,12 @@ class Plan {
   // One-line human-readable summary.
   std::string describe() const;
 
-  const detail::PlanData& data() const { return *data_; }
+  // Bytes of staging this rank's workspace holds for a forward() call of this plan (its receive and
+  // output blocks; the message path adds send/receive buffers of at most the bytes exchanged).
+  std::int64_t staging_bytes() const;
 
  private:
+  friend const detail::PlanData& detail::plan_data(const Plan&);
   explicit Plan(std::shared_ptr<const detail::PlanData> data) : data_(std::move(data)) {}
   std::shared_ptr<const detail::PlanData> data_;
 };

@@ -12,7 +12,8 @@
 //   uaa::set_num_threads(4);   // this rank uses 4 threads from now on
 //   uaa::set_num_threads(0);   // back to UAA_NUM_THREADS or the default
 //
-// Do not change the count while a forward() call is running on another thread.
+// Each forward() call reads the count once, at its start; changing it from another thread while a
+// call runs affects only later calls.
 #pragma once
 
 namespace uaa {

@@ -55,6 +55,8 @@ struct KernelProblem {
   std::int64_t q_total = 0, kv_total = 0;  // global counts (causal alignment, key tiles)
   float scale = 1.0f;
   bool causal = false;  // key j visible to query i iff j <= i + kv_total - q_total
+  int threads = 1;      // threads the kernel may use; scratch_bytes and run read this one value
+                        // (never uaa::num_threads(), which another thread may change between them)
   void* scratch = nullptr;  // scratch_bytes(problem) bytes, 64-byte aligned
 };
 
@@ -76,8 +78,7 @@ bool kernel_supports(DType dtype);
 const AttentionKernel& reference_kernel();   // float64 accumulation, slow, for tests
 const AttentionKernel& tiled_f32_kernel();   // portable tiled online-softmax fp32
 
-// Flash kernels (src/kernels/cpu/flash_*), fp32 and bf16, threads from uaa::num_threads() (read by
-// both scratch_bytes and run: the count must not change between the two).
+// Flash kernels (src/kernels/cpu/flash_*), fp32 and bf16, KernelProblem::threads threads.
 // Calling one the CPU cannot run is undefined: use flash_kernels_supported().
 const AttentionKernel& flash_avx512bf16_kernel();  // AVX-512 + AVX512_BF16 (vdpbf16ps for bf16)
 const AttentionKernel& flash_avx512_kernel();      // AVX-512F/BW/DQ/VL + FMA

@@ -2,6 +2,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "comm/control_plane.h"
+#include "core/agreement.h"
 #include "common/strings.h"
 #include "kernels/kernel.h"
 #include "plan/plan_data.h"
@@ -24,9 +26,19 @@ std::string shape_problem(const AttentionShape& s) {
   if (s.dtype != DType::f32 && s.dtype != DType::bf16)
     return cat("dtype ", static_cast<int>(s.dtype), " is not a known dtype");
   if (!std::isfinite(s.scale)) return cat("scale ", s.scale, " is not finite");
-  if (static_cast<int>(s.strategy) > static_cast<int>(Strategy::allgather_kv))
-    return cat("strategy ", static_cast<int>(s.strategy), " is not a known strategy");
   return {};
+}
+
+std::string options_problem(const PlanOptions& o) {
+  if (static_cast<int>(o.strategy) > static_cast<int>(Strategy::allgather_kv))
+    return cat("strategy ", static_cast<int>(o.strategy), " is not a known strategy");
+  return {};
+}
+
+std::int64_t sum(const std::vector<std::int64_t>& v) {
+  std::int64_t s = 0;
+  for (std::int64_t x : v) s += x;
+  return s;
 }
 
 // Returns "" when every byte count of every exchange fits comfortably in 64 bits, else the problem.
@@ -62,8 +74,8 @@ struct Fnv {
   void add(const T& v) { add(&v, sizeof v); }
 };
 
-std::uint64_t fingerprint_of(const AttentionShape& s, const std::vector<std::int64_t>& q,
-                             const std::vector<std::int64_t>& kv) {
+std::uint64_t fingerprint_of(const AttentionShape& s, const PlanOptions& o,
+                             const std::vector<std::int64_t>& q, const std::vector<std::int64_t>& kv) {
   Fnv f;
   const std::int64_t ranks = static_cast<std::int64_t>(q.size());
   f.add(ranks);
@@ -76,57 +88,135 @@ std::uint64_t fingerprint_of(const AttentionShape& s, const std::vector<std::int
   f.add(static_cast<std::uint8_t>(s.causal));
   f.add(static_cast<std::uint8_t>(s.return_lse));
   f.add(s.scale);
-  f.add(static_cast<std::uint8_t>(s.strategy));
+  f.add(static_cast<std::uint8_t>(o.strategy));
+  f.add(static_cast<std::uint8_t>(o.allow_mixed_kernels));
   return f.h;
 }
 
+// O(P) for this rank: the work split of all ranks (O(P log S)) and this rank's program (O(P)).
 std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
-                                std::vector<std::int64_t> q_lens,
+                                const PlanOptions& options, std::vector<std::int64_t> q_lens,
                                 std::vector<std::int64_t> kv_lens) {
   auto d = std::make_shared<PlanData>();
   d->shape = normalized(shape);
+  d->options = options;
+  d->ranks = comm.size();
+  d->rank = comm.rank();
   d->q_lens = std::move(q_lens);
   d->kv_lens = std::move(kv_lens);
-  LayoutInput in;
-  in.q_lens = d->q_lens;
-  in.kv_lens = d->kv_lens;
-  in.q_heads = d->shape.q_heads;
-  in.kv_heads = d->shape.kv_heads;
-  in.head_dim = d->shape.head_dim;
-  in.elem_bytes = static_cast<std::int64_t>(dtype_size(d->shape.dtype));
-  in.with_lse = d->shape.return_lse;
-  in.causal = d->shape.causal;
-  in.rank = comm.rank();
-  d->layout = compute_layout(in);
-  if (d->shape.strategy == Strategy::ulysses || d->shape.strategy == Strategy::ulysses_pad)
-    d->padded = compute_padded_layout(in);
-  if (d->shape.strategy == Strategy::allgather_kv) d->gather = compute_gather_layout(in);
-  d->fingerprint = fingerprint_of(d->shape, d->q_lens, d->kv_lens);
-  d->comm_id = comm.id();
-  d->comm = comm.weak_from_this();
+  d->q_start.assign(d->ranks + 1, 0);
+  d->kv_start.assign(d->ranks + 1, 0);
+  for (int j = 0; j < d->ranks; ++j) {
+    d->q_start[j + 1] = d->q_start[j] + d->q_lens[j];
+    d->kv_start[j + 1] = d->kv_start[j] + d->kv_lens[j];
+  }
+  const AttentionShape& s = d->shape;
+  d->work = split_work(work_input(d->q_lens, d->kv_lens, s.q_heads, s.kv_heads, s.causal));
+  Geometry g;
+  g.q_lens = d->q_lens;
+  g.kv_lens = d->kv_lens;
+  g.q_heads = s.q_heads;
+  g.kv_heads = s.kv_heads;
+  g.head_dim = s.head_dim;
+  g.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
+  g.causal = s.causal;
+  g.with_lse = s.return_lse;
+  switch (options.strategy) {
+    case Strategy::uaa: d->forward = compile_uaa_forward(g, d->work, d->rank); break;
+    case Strategy::ulysses:
+    case Strategy::ulysses_pad: d->forward = compile_padded_forward(g, d->rank); break;
+    case Strategy::allgather_kv: d->forward = compile_allgather_kv_forward(g, d->rank); break;
+  }
+  d->fingerprint = fingerprint_of(d->shape, options, d->q_lens, d->kv_lens);
+  d->comm = comm.shared_from_this();
   return d;
 }
 
-// Fixed-size record that Plan::create all-gathers: this rank's lengths, its view of the shape, and
-// its local verdict, so that every rank can raise the same error.
+// Why `ulysses` cannot run this layout ("" if it can): the totals must divide by the rank count,
+// every rank must hold total/P tokens, and q_heads must divide by the rank count.
+std::string ulysses_problem(const std::vector<std::int64_t>& q_lens,
+                            const std::vector<std::int64_t>& kv_lens, std::int64_t q_heads) {
+  const std::int64_t P = static_cast<std::int64_t>(q_lens.size());
+  const char* hint = " (strategy uaa runs any layout; ulysses_pad pads it)";
+  const std::int64_t q = sum(q_lens), kv = sum(kv_lens);
+  if (q % P != 0)
+    return cat("strategy ulysses needs the query total to divide by the rank count: ", q,
+               " tokens over ", P, " ranks", hint);
+  if (kv % P != 0)
+    return cat("strategy ulysses needs the key/value total to divide by the rank count: ", kv,
+               " tokens over ", P, " ranks", hint);
+  for (std::int64_t j = 0; j < P; ++j) {
+    if (q_lens[j] != q / P)
+      return cat("strategy ulysses needs every rank to hold total/P = ", q / P,
+                 " query tokens but rank ", j, " holds ", q_lens[j], hint);
+    if (kv_lens[j] != kv / P)
+      return cat("strategy ulysses needs every rank to hold total/P = ", kv / P,
+                 " key/value tokens but rank ", j, " holds ", kv_lens[j], hint);
+  }
+  if (q_heads % P != 0)
+    return cat("strategy ulysses needs q_heads to divide by the rank count: ", q_heads,
+               " heads over ", P, " ranks", hint);
+  return {};
+}
+
+// Fixed-size record that Plan::create all-gathers once the ranks agreed to go on: this rank's
+// lengths and its view of the shape and options.
 struct PlanRecord {
   std::uint64_t magic;
   std::int64_t q_len, kv_len, q_heads, kv_heads, head_dim, ranks;
   float scale;
-  std::uint8_t dtype, causal, return_lse, error;  // error: 0 ok, else 1 + ErrorCode
-  std::uint8_t strategy;
-  char message[192];
+  std::uint8_t dtype, causal, return_lse, strategy, allow_mixed;
 };
-constexpr std::uint64_t kPlanRecordMagic = 0x316e616c70616175ull;  // "uaaplan1"
+constexpr std::uint64_t kPlanRecordMagic = 0x326e616c70616175ull;  // "uaaplan2"
+
+// Problems of this process only (its kernel cannot run the dtype; kernel selection failed).
+std::string local_problem(const AttentionShape& shape, ErrorCode& code) {
+  try {
+    if (!kernel_supports(shape.dtype)) {
+      code = ErrorCode::unsupported;
+      return cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
+                 select_kernel().name());
+    }
+  } catch (const Error& e) {
+    code = e.code();
+    return e.what();
+  }
+  return {};
+}
 
 }  // namespace
 }  // namespace detail
 
 using detail::cat;
 
+const detail::PlanData& detail::plan_data(const Plan& plan) { return *plan.data_; }
+
 Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
-                  std::int64_t kv_tokens) {
+                  std::int64_t kv_tokens, const PlanOptions& options) {
   const int me = comm.rank(), P = comm.size();
+  std::string problem;
+  ErrorCode code = ErrorCode::invalid_argument;
+  if (q_tokens < 0) {
+    problem = cat("q_tokens ", q_tokens, " is negative");
+  } else if (kv_tokens < 0) {
+    problem = cat("kv_tokens ", kv_tokens, " is negative");
+  } else if (!(problem = detail::shape_problem(shape)).empty()) {
+  } else if (!(problem = detail::options_problem(options)).empty()) {
+  } else {
+    problem = detail::local_problem(shape, code);
+  }
+  // First agree (64 bytes per rank, O(log P) messages): a rank that cannot go on says so and
+  // every rank raises its error; nobody is left in the all-gather below.
+  detail::Vote vote;
+  vote.kind = detail::VoteKind::plan_create;
+  if (!problem.empty()) {
+    vote.failed = true;
+    vote.code = code;
+    vote.message = cat("uaa::Plan::create: rank ", me, ": ", problem);
+  }
+  detail::raise_agreed_error(detail::control_plane(comm).agree(vote),
+                             {"uaa::Plan::create", false, false});
+
   detail::PlanRecord mine{};
   mine.magic = detail::kPlanRecordMagic;
   mine.q_len = q_tokens;
@@ -139,57 +229,17 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   mine.dtype = static_cast<std::uint8_t>(shape.dtype);
   mine.causal = shape.causal;
   mine.return_lse = shape.return_lse;
-  mine.strategy = static_cast<std::uint8_t>(shape.strategy);
-
-  std::string problem;
-  ErrorCode code = ErrorCode::invalid_argument;
-  if (q_tokens < 0) {
-    problem = cat("q_tokens ", q_tokens, " is negative");
-  } else if (kv_tokens < 0) {
-    problem = cat("kv_tokens ", kv_tokens, " is negative");
-  } else if (!(problem = detail::shape_problem(shape)).empty()) {
-  } else {
-    // Kernel selection can fail locally (a bad UAA_KERNEL on one rank): report it through the
-    // record like any other local problem instead of leaving the peers in the all-gather.
-    try {
-      if (!detail::kernel_supports(shape.dtype)) {
-        code = ErrorCode::unsupported;
-        problem = cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
-                      detail::select_kernel().name());
-      }
-    } catch (const Error& e) {
-      code = e.code();
-      problem = e.what();
-    }
-  }
-  if (!problem.empty()) {
-    mine.error = static_cast<std::uint8_t>(1 + static_cast<int>(code));
-    const std::string msg = cat("uaa::Plan::create: rank ", me, ": ", problem);
-    std::strncpy(mine.message, msg.c_str(), sizeof mine.message - 1);
-  }
-
+  mine.strategy = static_cast<std::uint8_t>(options.strategy);
+  mine.allow_mixed = options.allow_mixed_kernels;
   std::vector<detail::PlanRecord> all(P);
   comm.allgather(&mine, sizeof mine, all.data());
 
   // Every rank walks the same records in the same order, so every rank raises the same error.
-  int failed = 0;
-  const detail::PlanRecord* first_failed = nullptr;
-  for (const auto& rec : all) {
+  const detail::PlanRecord& ref = all[0];
+  for (int j = 0; j < P; ++j) {
+    const detail::PlanRecord& rec = all[j];
     if (rec.magic != detail::kPlanRecordMagic)
       throw Error(ErrorCode::internal, "uaa::Plan::create: corrupt plan record received");
-    if (rec.error != 0) {
-      ++failed;
-      if (!first_failed) first_failed = &rec;
-    }
-  }
-  if (first_failed) {
-    std::string msg = first_failed->message;
-    if (failed > 1) msg += cat(" (and ", failed - 1, " more rank(s) rejected their input)");
-    throw Error(static_cast<ErrorCode>(first_failed->error - 1), msg);
-  }
-  const detail::PlanRecord& ref = all[0];
-  for (int j = 1; j < P; ++j) {
-    const detail::PlanRecord& rec = all[j];
     auto disagree = [&](const char* field, auto theirs, auto ours) {
       throw Error(ErrorCode::mismatch,
                   cat("uaa::Plan::create: ranks disagree on ", field, ": rank ", j, " has ", theirs,
@@ -209,6 +259,8 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
     if (rec.strategy != ref.strategy)
       disagree("strategy", strategy_name(Strategy(rec.strategy)),
                strategy_name(Strategy(ref.strategy)));
+    if (rec.allow_mixed != ref.allow_mixed)
+      disagree("allow_mixed_kernels", int(rec.allow_mixed), int(ref.allow_mixed));
   }
   std::vector<std::int64_t> q_lens(P), kv_lens(P);
   for (int j = 0; j < P; ++j) {
@@ -218,15 +270,15 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   // Every rank has the same lengths now, so every rank reaches the same verdict.
   if (std::string p = detail::size_problem(shape, q_lens, kv_lens); !p.empty())
     throw Error(ErrorCode::invalid_argument, cat("uaa::Plan::create: ", p));
-  // A property of all lengths together: every rank sees the same ones and raises the same error.
-  if (shape.strategy == Strategy::ulysses)
+  if (options.strategy == Strategy::ulysses)
     if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
       throw Error(ErrorCode::invalid_argument, "uaa::Plan::create: " + p);
-  return Plan(detail::build(comm, shape, std::move(q_lens), std::move(kv_lens)));
+  return Plan(detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens)));
 }
 
 Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
-                        std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens) {
+                        std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens,
+                        const PlanOptions& options) {
   const int me = comm.rank(), P = comm.size();
   auto fail = [&](ErrorCode code, const std::string& what) {
     throw Error(code, cat("uaa::Plan::from_lengths: rank ", me, ": ", what));
@@ -240,74 +292,59 @@ Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
     if (kv_lens[j] < 0) fail(ErrorCode::invalid_argument, cat("kv length of rank ", j, " is ", kv_lens[j]));
   }
   if (std::string p = detail::shape_problem(shape); !p.empty()) fail(ErrorCode::invalid_argument, p);
+  if (std::string p = detail::options_problem(options); !p.empty()) fail(ErrorCode::invalid_argument, p);
   if (std::string p = detail::size_problem(shape, q_lens, kv_lens); !p.empty())
     fail(ErrorCode::invalid_argument, p);
-  if (shape.strategy == Strategy::ulysses)
+  if (options.strategy == Strategy::ulysses)
     if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
       fail(ErrorCode::invalid_argument, p);
-  if (!detail::kernel_supports(shape.dtype))
-    fail(ErrorCode::unsupported, cat("dtype ", dtype_name(shape.dtype), " is not supported by kernel ",
-                                     detail::select_kernel().name()));
-  return Plan(detail::build(comm, shape, std::move(q_lens), std::move(kv_lens)));
+  ErrorCode code = ErrorCode::unsupported;
+  const std::string local = detail::local_problem(shape, code);
+  auto d = detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens));
+  if (!local.empty()) {  // reported by the first forward() on every rank (see plan.h)
+    d->failed = true;
+    d->error_code = code;
+    d->error_message = cat("uaa::Plan::from_lengths: rank ", me, ": ", local);
+  }
+  return Plan(std::move(d));
 }
 
-int Plan::ranks() const { return data_->layout.ranks; }
-int Plan::rank() const { return data_->layout.rank; }
+int Plan::ranks() const { return data_->ranks; }
+int Plan::rank() const { return data_->rank; }
 const AttentionShape& Plan::shape() const { return data_->shape; }
+const PlanOptions& Plan::options() const { return data_->options; }
+Communicator& Plan::communicator() const { return *data_->comm; }
 const std::vector<std::int64_t>& Plan::q_lens() const { return data_->q_lens; }
 const std::vector<std::int64_t>& Plan::kv_lens() const { return data_->kv_lens; }
 std::int64_t Plan::q_tokens() const { return data_->q_lens[rank()]; }
 std::int64_t Plan::kv_tokens() const { return data_->kv_lens[rank()]; }
-std::int64_t Plan::q_total() const { return data_->layout.q_start.back(); }
-std::int64_t Plan::kv_total() const { return data_->layout.kv_start.back(); }
-std::int64_t Plan::q_head_begin(int r) const { return data_->layout.work.at(r).q_heads.begin; }
-std::int64_t Plan::q_head_end(int r) const { return data_->layout.work.at(r).q_heads.end; }
-std::int64_t Plan::kv_head_begin(int r) const { return data_->layout.work.at(r).kv_heads.begin; }
-std::int64_t Plan::kv_head_end(int r) const { return data_->layout.work.at(r).kv_heads.end; }
-WorkRange Plan::work(int r) const {
-  const detail::RankWork& w = data_->layout.work.at(r);
-  return {w.first_head, w.first_row, w.end_head, w.end_row};
-}
-std::uint64_t Plan::fingerprint() const { return data_->fingerprint; }
+std::int64_t Plan::q_total() const { return data_->q_start.back(); }
+std::int64_t Plan::kv_total() const { return data_->kv_start.back(); }
 
 namespace {
-std::int64_t peer_bytes(const detail::ExchangeSide& side, int me) {
-  std::int64_t n = 0;
-  for (std::size_t j = 0; j < side.counts.size(); ++j)
-    if (static_cast<int>(j) != me) n += side.counts[j];
-  return n;
+const detail::RankWork& work_of(const detail::PlanData& d, int r, const char* what) {
+  if (r < 0 || r >= d.ranks)
+    throw Error(ErrorCode::invalid_argument,
+                cat("uaa::Plan::", what, ": rank ", r, " is outside [0, ", d.ranks, ")"));
+  return d.work[static_cast<std::size_t>(r)];
 }
 }  // namespace
 
-std::int64_t Plan::bytes_sent() const {
-  const detail::PlanData& d = *data_;
-  const int me = rank();
-  switch (d.shape.strategy) {
-    case Strategy::ulysses:
-    case Strategy::ulysses_pad:
-      return peer_bytes(d.padded.qkv_send, me) + peer_bytes(d.padded.out_send, me);
-    case Strategy::allgather_kv:
-      return peer_bytes(d.gather.send, me);
-    case Strategy::uaa:
-      break;
-  }
-  return peer_bytes(d.layout.qkv_send, me) + peer_bytes(d.layout.out_send, me);
+std::int64_t Plan::q_head_begin(int r) const { return work_of(*data_, r, "q_head_begin").q_heads.begin; }
+std::int64_t Plan::q_head_end(int r) const { return work_of(*data_, r, "q_head_end").q_heads.end; }
+std::int64_t Plan::kv_head_begin(int r) const { return work_of(*data_, r, "kv_head_begin").kv_heads.begin; }
+std::int64_t Plan::kv_head_end(int r) const { return work_of(*data_, r, "kv_head_end").kv_heads.end; }
+WorkRange Plan::work(int r) const {
+  const detail::RankWork& w = work_of(*data_, r, "work");
+  return {w.first_head, w.first_row, w.end_head, w.end_row};
 }
+std::int64_t Plan::staging_bytes() const {
+  return data_->forward.stage_in_bytes + data_->forward.stage_out_bytes;
+}
+std::uint64_t Plan::fingerprint() const { return data_->fingerprint; }
 
-std::int64_t Plan::bytes_received() const {
-  const detail::PlanData& d = *data_;
-  const int me = rank();
-  switch (d.shape.strategy) {
-    case Strategy::ulysses:
-    case Strategy::ulysses_pad:
-      return peer_bytes(d.padded.qkv_recv, me) + peer_bytes(d.padded.out_recv, me);
-    case Strategy::allgather_kv:
-      return peer_bytes(d.gather.recv, me);
-    case Strategy::uaa:
-      break;
-  }
-  return peer_bytes(d.layout.qkv_recv, me) + peer_bytes(d.layout.out_recv, me);
-}
+std::int64_t Plan::bytes_sent() const { return data_->forward.bytes_sent(); }
+std::int64_t Plan::bytes_received() const { return data_->forward.bytes_received(); }
 
 const char* strategy_name(Strategy s) {
   switch (s) {
@@ -334,7 +371,7 @@ std::string Plan::describe() const {
   return cat("plan ", ranks(), " ranks, q_lens ", detail::list(q_lens()), " (total ", q_total(),
              "), kv_lens ", detail::list(kv_lens()), " (total ", kv_total(), "), heads ", s.q_heads,
              "/", s.kv_heads, " x ", s.head_dim, " ", dtype_name(s.dtype),
-             s.causal ? " causal" : "", ", strategy ", strategy_name(s.strategy), "; rank ", r,
+             s.causal ? " causal" : "", ", strategy ", strategy_name(data_->options.strategy), "; rank ", r,
              " computes (head, row)  [(", work(r).first_head, ",", work(r).first_row, "), (",
              work(r).end_head, ",", work(r).end_row, ")) reading kv heads [", kv_head_begin(r), ",",
              kv_head_end(r), ")");

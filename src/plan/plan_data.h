@@ -3,23 +3,35 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "plan/layout.h"
-#include "plan/strategy_layout.h"
+#include "program/program.h"
+#include "uaa/error.h"
 #include "uaa/plan.h"
 
 namespace uaa::detail {
 
 struct PlanData {
   AttentionShape shape;  // normalized: kv_heads and scale filled in
+  PlanOptions options;
+  int ranks = 0, rank = 0;
   std::vector<std::int64_t> q_lens, kv_lens;
-  Layout layout;          // uaa's (head ranges and counts; filled for every strategy)
-  PaddedLayout padded;    // ulysses, ulysses_pad only
-  GatherLayout gather;    // allgather_kv only
+  std::vector<std::int64_t> q_start, kv_start;  // prefix sums (size ranks + 1)
+  std::vector<RankWork> work;  // uaa's split, per rank (filled for every strategy)
+  Program forward;             // this rank's forward program for the plan's strategy
   std::uint64_t fingerprint = 0;
-  std::uint64_t comm_id = 0;
-  std::weak_ptr<Communicator> comm;  // lets forward() report a wrong communicator to the peers
+  std::shared_ptr<Communicator> comm;
+  // A problem found on this rank only while building (Plan::from_lengths: e.g. this process's
+  // kernel cannot run the dtype). The plan is then unusable and its first collective call reports
+  // the problem on every rank through the agreement instead of leaving the peers waiting.
+  bool failed = false;
+  ErrorCode error_code = ErrorCode::internal;
+  std::string error_message;
 };
+
+// The data behind a plan (internal access; the public Plan exposes read-only properties).
+const PlanData& plan_data(const Plan& plan);
 
 }  // namespace uaa::detail

@@ -22,6 +22,13 @@ grep -Eq '"lens": \[60, 60\]' "$work/b.json" || { echo "b.json: unexpected lens"
 grep -Eq '"kv_lens": \[32, 31\]' "$work/b.json" || { echo "b.json: unexpected kv_lens"; exit 1; }
 grep -Eq '"bitwise_equal": *true' "$work/b.json" || { echo "b.json: not bitwise equal"; exit 1; }
 [[ $(wc -l <"$work/b.json") -eq 1 ]] || { echo "b.json: not one line"; exit 1; }
+# Every report names the kernel and the data path; one rank has no peers, so it uses messages.
+for f in a b c; do
+  grep -Eq '"kernel": "[a-z0-9_]+"' "$work/$f.json" || { echo "$f.json: no kernel"; cat "$work/$f.json"; exit 1; }
+  grep -Eq '"data_path": "(peer_memory|messages)"' "$work/$f.json" ||
+    { echo "$f.json: no data_path"; cat "$work/$f.json"; exit 1; }
+done
+grep -Eq '"data_path": "messages"' "$work/c.json" || { echo "c.json: 1 rank but not messages"; cat "$work/c.json"; exit 1; }
 
 # Errors: flags disagree with the file, lengths disagree with the file, a truncated k.npy.
 expect_error() {  # expect_error <stderr ERE> <args...>

@@ -58,15 +58,17 @@ Outcome timed(F&& f) {
   return o;
 }
 
-// What a waiting rank must see: a timeout, within the deadline plus slack, naming `missing`.
+// What a waiting rank must see: a timeout, within the deadline plus slack, naming `missing`. (The
+// first rank to time out tells the others with a failure notice, so a rank that entered the call a
+// little later than that one stops a little before its own deadline: hence 0.9.)
 void expect_timeout_naming(const Outcome& o, double deadline, int missing) {
   ASSERT_TRUE(o.threw) << "rank " << world_rank() << ": no error";
   EXPECT_EQ(o.code, ErrorCode::timeout) << o.what;
-  EXPECT_GE(o.seconds, deadline * 0.99) << o.what;
+  EXPECT_GE(o.seconds, deadline * 0.9) << o.what;
   EXPECT_LT(o.seconds, deadline + 5.0) << o.what;
   EXPECT_NE(o.what.find("no data from rank(s) " + std::to_string(missing)), std::string::npos)
       << o.what;
-  EXPECT_NE(o.what.find("allgather"), std::string::npos) << o.what;
+  EXPECT_NE(o.what.find("timed out"), std::string::npos) << o.what;
   EXPECT_NE(o.what.find("unusable"), std::string::npos) << o.what;
 }
 
@@ -74,10 +76,10 @@ void expect_timeout_naming(const Outcome& o, double deadline, int missing) {
 void expect_poisoned(Communicator& comm, const Plan& plan) {
   RankCall call(plan);
   Workspace ws;
-  const Outcome again = timed([&] { forward(comm, plan, call.args, ws); });
+  const Outcome again = timed([&] { forward(plan, call.args, ws); });
   EXPECT_TRUE(again.threw);
   EXPECT_EQ(again.code, ErrorCode::comm_failure) << again.what;
-  EXPECT_NE(again.what.find("unusable since an earlier exchange timed out"), std::string::npos)
+  EXPECT_NE(again.what.find("unusable since an earlier operation failed"), std::string::npos)
       << again.what;
   EXPECT_LT(again.seconds, 1.0);
   char byte = 0, all[64];
@@ -101,9 +103,9 @@ TEST_F(Deadline, RankSkipsACall) {
   const Plan plan = Plan::from_lengths(*comm, small_shape(), small_lens(P), small_lens(P));
   RankCall call(plan);
   Workspace ws;
-  forward(*comm, plan, call.args, ws);  // call 0: everybody
+  forward(plan, call.args, ws);  // call 0: everybody
   if (me == late) return;               // skips call 1 (TearDown meets the others)
-  const Outcome o = timed([&] { forward(*comm, plan, call.args, ws); });
+  const Outcome o = timed([&] { forward(plan, call.args, ws); });
   expect_timeout_naming(o, deadline, late);
   expect_poisoned(*comm, plan);
 }
@@ -122,12 +124,12 @@ TEST_F(Deadline, RankReturnsEarly) {
   }
   RankCall call(*plan);
   Workspace ws;
-  const Outcome o = timed([&] { forward(*comm, *plan, call.args, ws); });
+  const Outcome o = timed([&] { forward(*plan, call.args, ws); });
   expect_timeout_naming(o, deadline, late);
   expect_poisoned(*comm, *plan);
 }
 
-// The last rank calls with a plan of another communicator (same shape): its handshake goes where no
+// The last rank calls with a plan of another communicator (same shape): its agreement goes where no
 // peer listens. Both sides time out instead of waiting for each other forever.
 TEST_F(Deadline, RankCallsWithAPlanOfAnotherCommunicator) {
   const int P = world_size(), me = world_rank(), late = P - 1;
@@ -137,10 +139,9 @@ TEST_F(Deadline, RankCallsWithAPlanOfAnotherCommunicator) {
   const Plan plan = Plan::from_lengths(*comm, small_shape(), small_lens(P), small_lens(P));
   const Plan other_plan = Plan::from_lengths(*other, small_shape(), small_lens(P), small_lens(P));
   const Plan& mine = me == late ? other_plan : plan;
-  Communicator& my_comm = me == late ? *other : *comm;
   RankCall call(mine);
   Workspace ws;
-  const Outcome o = timed([&] { forward(my_comm, mine, call.args, ws); });
+  const Outcome o = timed([&] { forward(mine, call.args, ws); });
   if (me == late) {
     ASSERT_TRUE(o.threw);
     EXPECT_EQ(o.code, ErrorCode::timeout) << o.what;
@@ -160,9 +161,9 @@ TEST_F(Deadline, SlowPeerWithinTheDeadlineIsFine) {
   Workspace ws;
   if (me == P - 1 && deadline > 0)
     std::this_thread::sleep_for(std::chrono::duration<double>(deadline * 0.4));
-  const Outcome o = timed([&] { forward(*comm, plan, call.args, ws); });
+  const Outcome o = timed([&] { forward(plan, call.args, ws); });
   EXPECT_FALSE(o.threw) << o.what;
-  const Outcome again = timed([&] { forward(*comm, plan, call.args, ws); });
+  const Outcome again = timed([&] { forward(plan, call.args, ws); });
   EXPECT_FALSE(again.threw) << again.what;
 }
 

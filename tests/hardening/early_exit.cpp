@@ -34,20 +34,22 @@ int main(int argc, char** argv) {
     const Plan plan = Plan::create(*comm, small_shape(), small_lens(P)[me], small_lens(P)[me]);
     RankCall call(plan);
     Workspace ws;
-    forward(*comm, plan, call.args, ws);  // one call together
+    forward(plan, call.args, ws);  // one call together
     if (me == leaver) {
       std::printf("rank %d: leaving early\n", me);
       std::fflush(stdout);
     } else {
       const auto t0 = SteadyClock::now();
       try {
-        forward(*comm, plan, call.args, ws);
+        forward(plan, call.args, ws);
         std::fprintf(stderr, "rank %d: FAIL: forward succeeded without rank %d\n", me, leaver);
         ++failures;
       } catch (const Error& e) {
         const double s = seconds_since(t0);
         const std::string what = e.what();
-        const bool ok = e.code() == ErrorCode::timeout && s >= deadline * 0.99 &&
+        // 0.9: the first rank to time out tells the others (failure notice), maybe just before
+        // their own deadline.
+        const bool ok = e.code() == ErrorCode::timeout && s >= deadline * 0.9 &&
                         s < deadline + 5.0 &&
                         what.find("no data from rank(s) " + std::to_string(leaver)) !=
                             std::string::npos;

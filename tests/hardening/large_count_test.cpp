@@ -1,7 +1,7 @@
 // More than 2^31 elements through one exchange: rank 0 sends 2^31 + 2^20 bf16-sized (2-byte)
-// elements to rank 1 in one Communicator::alltoallv, and rank 1 checks every element against a
-// formula of its index. (MPI counts are `int`: this is the path that must not overflow.) Memory:
-// 4.3 GB on each of the two ranks. Label `large`; runs in CI (about 10 s).
+// elements to rank 1 in one Communicator::alltoallv (one exchange() message), and rank 1 checks
+// every element against a formula of its index. (MPI counts are `int`: this is the path that must
+// not overflow.) Memory: 4.3 GB on each of the two ranks. Label `large`; runs in CI (about 10 s).
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -34,7 +34,7 @@ TEST(LargeCount, MoreThan2To31ElementsThroughOneExchange) {
   const std::int64_t from_zero[2] = {kBytes, 0};
   const bool sender = me == 0;
   comm->alltoallv(sender ? buffer.get() : nullptr, sender ? to_one : zero, zero,
-                  sender ? nullptr : buffer.get(), sender ? zero : from_zero, zero, kBytes);
+                  sender ? nullptr : buffer.get(), sender ? zero : from_zero, zero);
   if (me == 1) {
     std::int64_t wrong = 0, first_wrong = -1;
     for (std::int64_t i = 0; i < kElements; ++i)

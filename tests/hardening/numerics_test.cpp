@@ -25,6 +25,7 @@
 #include "uaa/bf16.h"
 #include "uaa/error.h"
 #include "uaa/mpi.h"
+#include "uaa/threads.h"
 
 namespace uaa::test {
 namespace {
@@ -104,6 +105,7 @@ Result run_kernel(const AttentionKernel& kernel, const Case& c, DType dtype) {
   p.kv_total = c.Skv;
   p.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
   p.causal = c.causal;
+  p.threads = uaa::num_threads();  // as forward() would run it on this rank
   const std::size_t bytes = (kernel.scratch_bytes(p) + 63) / 64 * 64 + 64;
   std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
   std::memset(scratch.get(), 0xcd, bytes);
@@ -327,15 +329,15 @@ TEST(NumericsForward, NoContaminationAcrossRanksAndExactVsOneRank) {
   RankCall clean(plan), dirty(plan);
   poison(dirty, t0, lens[me]);
   Workspace ws;
-  forward(*comm, plan, clean.args, ws);
-  forward(*comm, plan, dirty.args, ws);
+  forward(plan, clean.args, ws);
+  forward(plan, dirty.args, ws);
   // The whole problem on this rank alone.
   auto solo = make_mpi_communicator(MPI_COMM_SELF);
   const Plan whole = Plan::from_lengths(*solo, s, {200}, {200});
   RankCall all(whole);
   poison(all, 0, 200);
   Workspace ws1;
-  forward(*solo, whole, all.args, ws1);
+  forward(whole, all.args, ws1);
   const std::int64_t Hq = s.q_heads, D = s.head_dim, g = s.q_heads / s.kv_heads;
   for (std::int64_t t = 0; t < lens[me]; ++t)
     for (std::int64_t h = 0; h < Hq; ++h) {

@@ -50,7 +50,7 @@ TEST(ThreadSafety, ConcurrentForwardOnDifferentCommunicatorsIsBitwiseTheSerialRe
   for (std::size_t i = 0; i < lanes.size(); ++i) {
     RankCall call(plans[i]);
     Workspace ws;
-    forward(*lanes[i].comm, plans[i], call.args, ws);
+    forward(plans[i], call.args, ws);
     expected.push_back(call.out);
   }
 
@@ -65,7 +65,7 @@ TEST(ThreadSafety, ConcurrentForwardOnDifferentCommunicatorsIsBitwiseTheSerialRe
       for (int c = 0; c < kCalls; ++c) {
         std::fill(call.out.begin(), call.out.end(), -7.0f);
         try {
-          forward(*lanes[i].comm, plans[i], call.args, ws);
+          forward(plans[i], call.args, ws);
         } catch (const Error&) {
           ++errors;
           return;
@@ -103,7 +103,7 @@ TEST(ThreadSafety, APlanIsReadConcurrentlyWhileItsCommunicatorRunsCalls) {
     });
   RankCall call(plan);
   Workspace ws;
-  for (int c = 0; c < 10; ++c) forward(*lanes[0].comm, plan, call.args, ws);
+  for (int c = 0; c < 10; ++c) forward(plan, call.args, ws);
   stop = true;
   for (std::thread& t : readers) t.join();
   EXPECT_EQ(bad.load(), 0);

@@ -27,7 +27,6 @@
 #include "common/test_rng.h"
 #include "kernels/kernel.h"
 #include "uaa/bf16.h"
-#include "uaa/threads.h"
 
 namespace uaa::detail {
 namespace {
@@ -170,13 +169,12 @@ Result run(const AttentionKernel& kernel, const Inputs& in, const RunOptions& o)
   p.kv_total = s.Skv;
   p.scale = s.scale();
   p.causal = s.causal;
-  set_num_threads(o.threads);
+  p.threads = o.threads;
   const std::size_t bytes = (kernel.scratch_bytes(p) + 63) / 64 * 64 + 64;
   std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
   std::memset(scratch.get(), 0xcd, bytes);  // garbage, as a reused workspace would hold
   p.scratch = scratch.get();
   kernel.run(p);
-  set_num_threads(0);
   Result r;
   r.raw = out;
   r.lse = lse;

@@ -219,10 +219,9 @@ CallBuffers make_call_buffers(const Problem& pb, int rank, const Layouts& layout
   return c;
 }
 
-RunResult run_shard(Communicator& comm, const Plan& plan, const Problem& pb, const Layouts& layouts,
-                    Workspace& ws) {
+RunResult run_shard(const Plan& plan, const Problem& pb, const Layouts& layouts, Workspace& ws) {
   CallBuffers c = make_call_buffers(pb, plan.rank(), layouts, plan.shape().return_lse);
-  forward(comm, plan, c.args(), ws);
+  forward(plan, c.args(), ws);
   return c.result(plan.shape().return_lse);
 }
 
@@ -231,7 +230,7 @@ RunResult run_whole(Communicator& self, const Problem& pb, Workspace& ws) {
   Problem whole = pb;
   whole.q_lens = {pb.q_total()};
   whole.kv_lens = {pb.kv_total()};
-  return run_shard(self, plan, whole, Layouts{}, ws);
+  return run_shard(plan, whole, Layouts{}, ws);
 }
 
 void reference_rows(const Problem& pb, std::int64_t first, std::int64_t n, std::vector<double>& out,

@@ -104,9 +104,8 @@ struct CallBuffers {
 
 CallBuffers make_call_buffers(const Problem& pb, int rank, const Layouts& layouts, bool with_lse);
 
-// forward() on this rank's shard. Throws what forward() throws.
-RunResult run_shard(Communicator& comm, const Plan& plan, const Problem& pb, const Layouts& layouts,
-                    Workspace& ws);
+// forward() on this rank's shard, over the plan's communicator. Throws what forward() throws.
+RunResult run_shard(const Plan& plan, const Problem& pb, const Layouts& layouts, Workspace& ws);
 // The whole problem through the library on a one-rank communicator, contiguous buffers.
 RunResult run_whole(Communicator& self, const Problem& pb, Workspace& ws);
 

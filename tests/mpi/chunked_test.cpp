@@ -1,7 +1,7 @@
 // The large-message path at small sizes: MpiOptions::max_count caps the units handed to one MPI call,
 // so a tiny max_count forces every exchange through chunked point-to-point messages. The results must
 // be bit for bit those of the default communicator (which, with every rank on one node, moves data by
-// peer reads instead of messages).
+// peer reads instead of messages), and exchange() on its own must deliver every byte in listed order.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -69,13 +69,13 @@ TEST_P(Chunked, BitwiseEqualToDefaultCommunicator) {
   const Outcome o_want = capture([&] {
     const Plan plan = Plan::from_lengths(*plain, s, pb.q_lens, pb.kv_lens);
     Workspace ws;
-    want = run_shard(*plain, plan, pb, Layouts{}, ws);
+    want = run_shard(plan, pb, Layouts{}, ws);
   });
   const Outcome o_got = capture([&] {
     const Plan plan = Plan::from_lengths(*chunked, s, pb.q_lens, pb.kv_lens);
     Workspace ws;
-    got = run_shard(*chunked, plan, pb, Layouts{}, ws);
-    got = run_shard(*chunked, plan, pb, Layouts{}, ws);  // and again, with a warm workspace
+    got = run_shard(plan, pb, Layouts{}, ws);
+    got = run_shard(plan, pb, Layouts{}, ws);  // and again, with a warm workspace
   });
   expect_ok_everywhere(o_want);
   expect_ok_everywhere(o_got);
@@ -119,6 +119,54 @@ TEST(ChunkedPlan, CreateWorksWithASmallMaxCount) {
     SCOPED_TRACE("max_count " + std::to_string(max_count));
     expect_ok_everywhere(o);
     EXPECT_EQ(fp, want);
+  }
+}
+
+// The transport alone: exchange() with several messages per pair (self included), of sizes with
+// different factors of two (so different MPI units), cut into max_count-unit pieces. Every byte must
+// land where the listed order says, for every max_count.
+TEST(ChunkedExchange, MessagesLandInListedOrderForEveryMaxCount) {
+  const int P = world_size(), me = world_rank();
+  // Message k from `src` to `dst`: its size (0 included: such messages are skipped) and bytes.
+  auto size_of = [](int src, int dst, int k) -> std::int64_t {
+    const std::int64_t sizes[] = {1, 37, 96, 4160, 0, 4096, 250};
+    return sizes[(src * 3 + dst * 5 + k) % 7];
+  };
+  auto byte_of = [](int src, int dst, int k, std::int64_t i) {
+    return static_cast<char>((src * 131 + dst * 31 + k * 7 + i * 13) & 0xff);
+  };
+  constexpr int kPerPair = 4;
+  for (std::int64_t max_count : {1, 3, 7, 64, 2147483647}) {
+    SCOPED_TRACE("max_count " + std::to_string(max_count));
+    std::vector<std::vector<char>> out, in;
+    std::vector<Message> sends, recvs;
+    out.reserve(static_cast<std::size_t>(P * kPerPair));
+    in.reserve(static_cast<std::size_t>(P * kPerPair));
+    for (int j = 0; j < P; ++j)
+      for (int k = 0; k < kPerPair; ++k) {
+        const std::int64_t n_out = size_of(me, j, k), n_in = size_of(j, me, k);
+        out.emplace_back(static_cast<std::size_t>(n_out));
+        for (std::int64_t i = 0; i < n_out; ++i)
+          out.back()[static_cast<std::size_t>(i)] = byte_of(me, j, k, i);
+        in.emplace_back(static_cast<std::size_t>(n_in), '\0');
+        sends.push_back({j, out.back().data(), n_out});
+        recvs.push_back({j, in.back().data(), n_in});
+      }
+    const Outcome o = capture([&] {
+      auto comm = make_mpi_communicator(MPI_COMM_WORLD,
+                                        MpiOptions{.max_count = max_count, .peer_reads = false});
+      comm->exchange(sends, recvs);
+      comm->exchange(sends, recvs);  // and again on the same communicator
+    });
+    expect_ok_everywhere(o);
+    std::int64_t wrong = 0;
+    for (int j = 0; j < P; ++j)
+      for (int k = 0; k < kPerPair; ++k) {
+        const std::vector<char>& got = in[static_cast<std::size_t>(j * kPerPair + k)];
+        for (std::size_t i = 0; i < got.size(); ++i)
+          wrong += got[i] != byte_of(j, me, k, static_cast<std::int64_t>(i));
+      }
+    EXPECT_EQ(wrong, 0) << "rank " << me;
   }
 }
 

@@ -204,7 +204,7 @@ TEST_P(ForwardCase, MatchesReferenceAndSingleRankBitwise) {
     const Plan plan = c.create ? Plan::create(*world, shape, q_lens[me], kv_lens[me])
                                : Plan::from_lengths(*world, shape, q_lens, kv_lens);
     Workspace ws;
-    dist = run_shard(*world, plan, pb, layouts, ws);
+    dist = run_shard(plan, pb, layouts, ws);
   });
   // The single-rank run uses another thread count: the result may not depend on it either.
   const Outcome alone = capture([&] {
@@ -392,12 +392,12 @@ TEST(Workspace, LaterCallsWithTheSamePlanAllocateNothingAndRepeatExactly) {
   const Outcome o = capture([&] {
     const Plan plan = Plan::create(*comm, pb.shape, pb.q_lens[me], pb.kv_lens[me]);
     for (int call = 0; call < 3; ++call) {
-      results.push_back(run_shard(*comm, plan, pb, layouts_of(Mix::mixed), ws));
+      results.push_back(run_shard(plan, pb, layouts_of(Mix::mixed), ws));
       grows.push_back(ws.grow_count());
       bytes.push_back(ws.bytes_reserved());
     }
     // Other layouts of the same inputs: the workspace depends on the plan only.
-    results.push_back(run_shard(*comm, plan, pb, layouts_of(Mix::contiguous), ws));
+    results.push_back(run_shard(plan, pb, layouts_of(Mix::contiguous), ws));
     grows.push_back(ws.grow_count());
     bytes.push_back(ws.bytes_reserved());
   });
@@ -432,12 +432,12 @@ TEST(Workspace, SmallerPlanReusesBuffersLargerPlanGrows) {
   const Outcome o = capture([&] {
     const Plan pbig = Plan::from_lengths(*comm, big.shape, big.q_lens, big.kv_lens);
     const Plan psmall = Plan::from_lengths(*comm, small.shape, small.q_lens, small.kv_lens);
-    run_shard(*comm, pbig, big, Layouts{}, ws);
+    run_shard(pbig, big, Layouts{}, ws);
     after_big = ws.grow_count();
-    small_shared = run_shard(*comm, psmall, small, Layouts{}, ws);
+    small_shared = run_shard(psmall, small, Layouts{}, ws);
     after_small = ws.grow_count();
     Workspace fresh;
-    small_fresh = run_shard(*comm, psmall, small, Layouts{}, fresh);
+    small_fresh = run_shard(psmall, small, Layouts{}, fresh);
   });
   expect_ok_everywhere(o);
   if (o.kind != Outcome::ok) return;
@@ -460,8 +460,8 @@ TEST(Forward, InterleavedPlansOnOneCommunicator) {
     const Plan pb = Plan::from_lengths(*comm, b.shape, b.q_lens, b.kv_lens);
     Workspace ws;
     for (int step = 0; step < 3; ++step) {
-      got.push_back(run_shard(*comm, pa, a, layouts_of(Mix::padded), ws));
-      got.push_back(run_shard(*comm, pb, b, layouts_of(Mix::head_major), ws));
+      got.push_back(run_shard(pa, a, layouts_of(Mix::padded), ws));
+      got.push_back(run_shard(pb, b, layouts_of(Mix::head_major), ws));
     }
   });
   const Outcome alone = capture([&] {
@@ -493,7 +493,7 @@ TEST(Forward, ReportsPhaseTimes) {
     const Plan plan = Plan::create(*comm, pb.shape, pb.q_lens[me], pb.kv_lens[me]);
     CallBuffers c = make_call_buffers(pb, me, Layouts{}, false);
     Workspace ws;
-    forward(*comm, plan, c.args(), ws, &t);
+    forward(plan, c.args(), ws, &t);
   });
   expect_ok_everywhere(o);
   if (me == 0) std::printf("[ kernel   ] %s\n", kernel_name());  // which kernel this run checked

@@ -1,11 +1,13 @@
-// Peer reads (Communicator::can_read_peers / read_peers on the MPI transport): every rank reads
-// strided regions of every rank's memory (itself included) into strided local memory and checks
-// every byte against a formula of (owner rank, byte offset); the capability is the same on every
-// rank and can be switched off; malformed reads fail on the rank that made them only, before
-// anything is written, and leave the communicator usable.
+// Peer reads and writes (Communicator::can_read_peers / read_peers / write_peers on the MPI
+// transport): every rank reads strided regions of every rank's memory (itself included) into strided
+// local memory, or writes strided local memory into strided regions of every rank's memory, and
+// checks every byte against a formula of (owner rank, byte offset); the capability is the same on
+// every rank and can be switched off; malformed accesses fail on the rank that made them only,
+// before anything is copied, and leave the communicator usable.
 //
-// read_peers is not collective: the tests synchronize on MPI_COMM_WORLD (an all-gather of buffer
-// addresses before the reads, a barrier after them) so that the memory read is ready and alive.
+// read_peers and write_peers are not collective: the tests synchronize on MPI_COMM_WORLD (an
+// all-gather of buffer addresses before the accesses, a barrier after them) so that the memory
+// accessed is ready and alive.
 #include <gtest/gtest.h>
 
 #include <climits>
@@ -199,6 +201,14 @@ TEST(PeerRead, OptionOffMeansUnsupported) {
   EXPECT_EQ(o.code, ErrorCode::unsupported) << o.str();
   EXPECT_NE(o.message.find("rank " + std::to_string(world_rank())), std::string::npos) << o.message;
   EXPECT_NE(o.message.find("peer_reads"), std::string::npos) << o.message;
+  // Writes are covered by the same capability.
+  const PeerWrite w{0, r.to, r.from};
+  const Outcome ow = capture([&] { f.comm->write_peers(std::span<const PeerWrite>(&w, 1)); });
+  EXPECT_EQ(ow.code, ErrorCode::unsupported) << ow.str();
+  EXPECT_NE(ow.message.find("write_peers"), std::string::npos) << ow.message;
+  EXPECT_NE(ow.message.find("the first to peer 0"), std::string::npos) << ow.message;
+  EXPECT_NE(ow.message.find("peer_reads"), std::string::npos) << ow.message;
+  EXPECT_EQ(dest, std::vector<std::uint8_t>(16, 0));
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
@@ -311,7 +321,7 @@ TEST(PeerRead, MalformedReadsFailLocallyAndLeaveTheCommunicatorUsable) {
   for (int j = 0; j < P; ++j)
     for (int b = 0; b < 8; ++b) send[8 * j + b] = static_cast<std::uint8_t>(16 * me + j + b);
   const Outcome a = capture([&] {
-    f.comm->alltoallv(send.data(), counts, displs, recv.data(), counts, displs, 8 * P);
+    f.comm->alltoallv(send.data(), counts, displs, recv.data(), counts, displs);
   });
   expect_ok_everywhere(a);
   for (int j = 0; j < P; ++j)
@@ -330,6 +340,143 @@ TEST(PeerRead, MalformedReadsFailLocallyAndLeaveTheCommunicatorUsable) {
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
+// ---- Writes: the mirror of the read tests ----
+
+// Every rank's landing area for writes: one kDestBytes slot per (writer, case).
+struct WriteFixture : Fixture {
+  std::vector<std::uint8_t> landing;
+  std::vector<std::uintptr_t> landing_address;  // by rank
+  std::size_t slots_per_writer;
+
+  explicit WriteFixture(std::size_t slots) : slots_per_writer(slots) {
+    const int P = world_size();
+    landing.assign(static_cast<std::size_t>(P) * slots * kDestBytes, kUntouched);
+    landing_address.resize(static_cast<std::size_t>(P));
+    const std::uintptr_t mine = reinterpret_cast<std::uintptr_t>(landing.data());
+    comm->allgather(&mine, sizeof mine, landing_address.data());
+  }
+  std::size_t slot_offset(int writer, std::size_t slot) const {
+    return (static_cast<std::size_t>(writer) * slots_per_writer + slot) * kDestBytes;
+  }
+  // Case c written by this rank into peer's slot (writer = this rank).
+  PeerWrite write(const Case& c, int peer, std::size_t slot) const {
+    PeerWrite w{peer, c.from, c.to};
+    w.from.address =
+        c.from.bytes() > 0 ? reinterpret_cast<std::uintptr_t>(source.data()) + c.from.address : 0;
+    w.to.address = c.to.bytes() > 0 ? landing_address[static_cast<std::size_t>(peer)] +
+                                          slot_offset(world_rank(), slot) + c.to.address
+                                    : 0;
+    return w;
+  }
+  // The slot as a vector, to check with expect_read (the writer's bytes, at c.to's places).
+  std::vector<std::uint8_t> slot(int writer, std::size_t s) const {
+    const std::size_t at = slot_offset(writer, s);
+    return std::vector<std::uint8_t>(landing.begin() + static_cast<std::ptrdiff_t>(at),
+                                     landing.begin() + static_cast<std::ptrdiff_t>(at + kDestBytes));
+  }
+};
+
+// Every rank writes every case into every rank (itself included), one call per write; each rank
+// then checks what every writer left in its memory.
+TEST(PeerWrite, EveryCaseToEveryPeer) {
+  const std::vector<Case> cs = cases();
+  WriteFixture f(cs.size());
+  if (!f.comm->can_read_peers()) GTEST_SKIP() << "peer access unavailable on this machine";
+  const int P = world_size();
+  for (std::size_t i = 0; i < cs.size(); ++i)
+    for (int peer = 0; peer < P; ++peer) {
+      const PeerWrite w = f.write(cs[i], peer, i);
+      const Outcome o = capture([&] { f.comm->write_peers(std::span<const PeerWrite>(&w, 1)); });
+      EXPECT_EQ(o.kind, Outcome::ok) << cs[i].name << " to rank " << peer << ": " << o.str();
+    }
+  MPI_Barrier(MPI_COMM_WORLD);  // every write has landed
+  for (int writer = 0; writer < P; ++writer)
+    for (std::size_t i = 0; i < cs.size(); ++i) expect_read(cs[i], writer, f.slot(writer, i));
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// All cases to all peers in one call, ordered by peer (consecutive same-peer writes share system
+// calls), twice: the second call reuses the iovec windows and rewrites the same bytes.
+TEST(PeerWrite, ManyWritesInOneCall) {
+  const std::vector<Case> cs = cases();
+  WriteFixture f(cs.size());
+  if (!f.comm->can_read_peers()) GTEST_SKIP() << "peer access unavailable on this machine";
+  const int P = world_size();
+  std::vector<PeerWrite> writes;
+  for (int peer = 0; peer < P; ++peer)
+    for (std::size_t i = 0; i < cs.size(); ++i) writes.push_back(f.write(cs[i], peer, i));
+  for (int round = 0; round < 2; ++round) {
+    const Outcome o = capture([&] { f.comm->write_peers(writes); });
+    EXPECT_EQ(o.kind, Outcome::ok) << o.str();
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (int writer = 0; writer < P; ++writer)
+    for (std::size_t i = 0; i < cs.size(); ++i) expect_read(cs[i], writer, f.slot(writer, i));
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// The last rank makes malformed writes (a good write into its own memory first): each fails with
+// invalid_argument naming the rank and the peer, before anything is written; an unmapped target is
+// comm_failure; the communicator then still works for everybody.
+TEST(PeerWrite, MalformedWritesFailLocallyAndLeaveTheCommunicatorUsable) {
+  WriteFixture f(1);
+  const int P = world_size(), me = world_rank();
+  if (f.comm->can_read_peers() && me == P - 1) {
+    const std::uintptr_t s = reinterpret_cast<std::uintptr_t>(f.source.data());
+    const std::uintptr_t d = f.landing_address[0];  // peer 0's landing area
+    const std::uintptr_t own = reinterpret_cast<std::uintptr_t>(f.landing.data());
+    struct Bad {
+      PeerWrite write;
+      std::vector<std::string> needles;
+    };
+    const std::vector<Bad> bad = {
+        {{0, region(s, 1, 0, 1, 0, 16), region(d, 1, 0, 1, 0, 15)}, {"16 bytes", "15"}},
+        {{0, region(s, 2, 64, 4, 8, 4), region(d, 1, 0, 1, 0, 33)}, {"32 bytes", "33"}},
+        {{P, region(s, 1, 0, 1, 0, 8), region(d, 1, 0, 1, 0, 8)}, {"peer " + std::to_string(P)}},
+        {{-1, region(s, 1, 0, 1, 0, 8), region(d, 1, 0, 1, 0, 8)}, {"peer -1"}},
+        {{0, region(s, -1, 0, 1, 0, 8), region(d, 1, 0, 1, 0, 8)}, {"n0 -1", "negative"}},
+        {{0, region(s, 1, 0, 1, 0, 8), region(d, 1, 0, -2, 0, 8)}, {"n1 -2", "negative"}},
+        {{0, region(s, 1LL << 40, 0, 1LL << 40, 0, 8), region(d, 1, 0, 1, 0, 8)}, {"overflow"}},
+        {{0, region(0, 1, 0, 1, 0, 8), region(d, 1, 0, 1, 0, 8)}, {"null address"}},
+        {{0, region(s, 1, 0, 1, 0, 8), region(0, 1, 0, 1, 0, 8)}, {"null address"}},
+    };
+    for (const Bad& b : bad) {
+      const PeerWrite good{me, region(s, 1, 0, 1, 0, 64), region(own + 64, 1, 0, 1, 0, 64)};
+      const PeerWrite writes[2] = {good, b.write};
+      const Outcome o = capture([&] { f.comm->write_peers(writes); });
+      SCOPED_TRACE(o.message);
+      EXPECT_EQ(o.code, ErrorCode::invalid_argument) << o.str();
+      EXPECT_NE(o.message.find("rank " + std::to_string(me)), std::string::npos);
+      EXPECT_NE(o.message.find("peer " + std::to_string(b.write.peer)), std::string::npos);
+      EXPECT_NE(o.message.find("write_peers: write 1 of 2"), std::string::npos);
+      for (const std::string& n : b.needles) EXPECT_NE(o.message.find(n), std::string::npos) << n;
+      for (std::uint8_t x : f.landing) ASSERT_EQ(x, kUntouched) << "a malformed call wrote data";
+    }
+    const PeerWrite unmapped{0, region(s, 1, 0, 1, 0, 8), region(8, 1, 0, 1, 0, 8)};
+    const Outcome o = capture([&] { f.comm->write_peers(std::span<const PeerWrite>(&unmapped, 1)); });
+    EXPECT_EQ(o.code, ErrorCode::comm_failure) << o.str();
+    EXPECT_NE(o.message.find("rank " + std::to_string(me)), std::string::npos) << o.message;
+    EXPECT_NE(o.message.find("peer 0"), std::string::npos) << o.message;
+    EXPECT_NE(o.message.find("process_vm_writev"), std::string::npos) << o.message;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (me == 0) {  // nothing landed in rank 0's memory either
+    EXPECT_EQ(f.slot(P - 1, 0), std::vector<std::uint8_t>(kDestBytes, kUntouched));
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  // Everybody: a correct write to the next rank still works.
+  if (f.comm->can_read_peers()) {
+    const Case c = cases()[1];
+    const PeerWrite w = f.write(c, (me + 1) % P, 0);
+    const Outcome o = capture([&] { f.comm->write_peers(std::span<const PeerWrite>(&w, 1)); });
+    EXPECT_EQ(o.kind, Outcome::ok) << o.str();
+    MPI_Barrier(MPI_COMM_WORLD);
+    const int writer = (me - 1 + P) % P;
+    expect_read(c, writer, f.slot(writer, 0));
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 // After a timeout the communicator is poisoned: read_peers refuses with comm_failure too.
 TEST(PeerRead, PoisonedCommunicatorRefuses) {
   if (world_size() < 2) GTEST_SKIP() << "needs a peer that does not arrive";
@@ -344,6 +491,9 @@ TEST(PeerRead, PoisonedCommunicatorRefuses) {
     const Outcome r = capture([&] { comm->read_peers({}); });
     EXPECT_EQ(r.code, ErrorCode::comm_failure) << r.str();
     EXPECT_NE(r.message.find("read_peers refused"), std::string::npos) << r.message;
+    const Outcome w = capture([&] { comm->write_peers({}); });
+    EXPECT_EQ(w.code, ErrorCode::comm_failure) << w.str();
+    EXPECT_NE(w.message.find("write_peers refused"), std::string::npos) << w.message;
   }
   MPI_Barrier(MPI_COMM_WORLD);
 }

@@ -86,11 +86,10 @@ TEST_P(StrategyCase, EveryStrategyMatchesUaaBitwise) {
   std::vector<RunResult> results;
   std::vector<Outcome> outcomes;
   for (Strategy st : kStrategies) {
-    pb.shape.strategy = st;
     RunResult r;
     outcomes.push_back(capture([&] {
-      const Plan plan = Plan::create(*comm, pb.shape, pb.q_lens[me], pb.kv_lens[me]);
-      r = run_shard(*comm, plan, pb, layouts, ws);
+      const Plan plan = Plan::create(*comm, pb.shape, pb.q_lens[me], pb.kv_lens[me], {.strategy = st});
+      r = run_shard(plan, pb, layouts, ws);
     }));
     results.push_back(r);
   }
@@ -128,10 +127,11 @@ TEST(Strategy, UlyssesRefusesATotalThatDoesNotDivideOnEveryRank) {
   AttentionShape s;
   s.q_heads = 2 * P;
   s.head_dim = 8;
-  s.strategy = Strategy::ulysses;
+  PlanOptions options;
+  options.strategy = Strategy::ulysses;
   // P * 10 + 1 tokens: rank 0 holds one more.
   const std::int64_t mine = 10 + (me == 0 ? 1 : 0);
-  const Outcome o = capture([&] { Plan::create(*comm, s, mine, mine); });
+  const Outcome o = capture([&] { Plan::create(*comm, s, mine, mine, options); });
   expect_same_error_everywhere(o, ErrorCode::invalid_argument, -1,
                                {"strategy ulysses needs the query total to divide",
                                 std::to_string(10 * P + 1) + " tokens over " + std::to_string(P)});
@@ -144,8 +144,9 @@ TEST(Strategy, RanksThatDisagreeOnTheStrategyGetAMismatch) {
   AttentionShape s;
   s.q_heads = 3;
   s.head_dim = 8;
-  s.strategy = me == P - 1 ? Strategy::ulysses_pad : Strategy::uaa;
-  const Outcome o = capture([&] { Plan::create(*comm, s, 5, 5); });
+  PlanOptions options;
+  options.strategy = me == P - 1 ? Strategy::ulysses_pad : Strategy::uaa;
+  const Outcome o = capture([&] { Plan::create(*comm, s, 5, 5, options); });
   expect_same_error_everywhere(o, ErrorCode::mismatch, P - 1, {"strategy", "ulysses_pad"});
 }
 

@@ -13,6 +13,7 @@
 #include "kernels/kernel.h"
 #include "plan/layout.h"
 #include "plan/plan_data.h"
+#include "program/program.h"
 #include "uaa/error.h"
 #include "uaa/plan.h"
 
@@ -22,6 +23,8 @@ using uaa::AttentionShape;
 using uaa::DType;
 using uaa::ErrorCode;
 using uaa::Plan;
+using uaa::PlanOptions;
+using uaa::Strategy;
 using uaa::test::FakeCommunicator;
 using Lens = std::vector<std::int64_t>;
 
@@ -66,7 +69,9 @@ class FromLengths : public ::testing::Test {
  protected:
   std::shared_ptr<FakeCommunicator> comm = std::make_shared<FakeCommunicator>(kRank, kRanks);
   Lens q{5, 0, 7, 11}, kv{3, 1, 0, 2};
-  Plan make(const AttentionShape& s) { return Plan::from_lengths(*comm, s, q, kv); }
+  Plan make(const AttentionShape& s, const PlanOptions& o = {}) {
+    return Plan::from_lengths(*comm, s, q, kv, o);
+  }
 };
 
 TEST_F(FromLengths, ValidPlanDescribesEveryRankWithoutCommunicating) {
@@ -88,8 +93,13 @@ TEST_F(FromLengths, ValidPlanDescribesEveryRankWithoutCommunicating) {
   EXPECT_EQ(p.shape().scale, 1.0f / std::sqrt(100.0f));
   EXPECT_TRUE(p.shape().causal);
   EXPECT_TRUE(p.shape().return_lse);
+  const uaa::detail::PlanData& d = uaa::detail::plan_data(p);
+  EXPECT_EQ(p.options().strategy, Strategy::uaa);
+  EXPECT_FALSE(p.options().allow_mixed_kernels);
+  EXPECT_EQ(&p.communicator(), comm.get());
+  EXPECT_FALSE(d.failed);
   for (int r = 0; r < kRanks; ++r) {
-    const uaa::detail::RankWork& w = p.data().layout.work[r];
+    const uaa::detail::RankWork& w = d.work[r];
     const uaa::WorkRange range = p.work(r);
     EXPECT_EQ(range.first_head, w.first_head);
     EXPECT_EQ(range.first_row, w.first_row);
@@ -104,11 +114,84 @@ TEST_F(FromLengths, ValidPlanDescribesEveryRankWithoutCommunicating) {
       EXPECT_EQ(range.first_row, p.work(r - 1).end_row);
     }
   }
-  std::int64_t sent = 0;
-  for (std::int64_t c : p.data().layout.qkv_send.counts) sent += c;
-  for (std::int64_t c : p.data().layout.out_send.counts) sent += c;
+  // The bytes are those of this rank's program: its parts to and from the other ranks.
+  std::int64_t sent = 0, received = 0;
+  for (const uaa::detail::ExchangeStep* x : {&d.forward.in, &d.forward.out}) {
+    for (const uaa::detail::PeerParts& pp : x->send)
+      for (std::uint32_t i = pp.begin; i < pp.end; ++i)
+        if (pp.peer != kRank) sent += x->send_parts[i].bytes();
+    for (const uaa::detail::PeerParts& pp : x->recv)
+      for (std::uint32_t i = pp.begin; i < pp.end; ++i)
+        if (pp.peer != kRank) received += x->recv_parts[i].bytes();
+  }
   EXPECT_EQ(p.bytes_sent(), sent);
+  EXPECT_EQ(p.bytes_received(), received);
   EXPECT_GT(sent, 0);
+  EXPECT_GT(received, 0);
+  EXPECT_EQ(p.staging_bytes(), d.forward.stage_in_bytes + d.forward.stage_out_bytes);
+  EXPECT_GT(p.staging_bytes(), 0);
+}
+
+// Every strategy builds its own program; the split (work, heads) is uaa's for all of them.
+TEST_F(FromLengths, StrategiesCompileTheirPrograms) {
+  AttentionShape s = shape(8, 2, 16);
+  s.return_lse = true;
+  const Plan u = make(s);
+  for (Strategy st : {Strategy::ulysses_pad, Strategy::allgather_kv}) {
+    PlanOptions o;
+    o.strategy = st;
+    const Plan p = make(s, o);
+    EXPECT_EQ(p.options().strategy, st);
+    const uaa::detail::PlanData& d = uaa::detail::plan_data(p);
+    for (int r = 0; r < kRanks; ++r) {
+      EXPECT_EQ(p.q_head_begin(r), u.q_head_begin(r)) << uaa::strategy_name(st);
+      EXPECT_EQ(p.work(r).end_row, u.work(r).end_row) << uaa::strategy_name(st);
+    }
+    EXPECT_EQ(p.bytes_sent(), d.forward.bytes_sent());
+    EXPECT_NE(p.fingerprint(), u.fingerprint()) << uaa::strategy_name(st);
+  }
+  // ulysses_pad pads: it moves more than uaa; allgather_kv has no output exchange.
+  PlanOptions o;
+  o.strategy = Strategy::ulysses_pad;
+  EXPECT_GT(make(s, o).bytes_sent(), u.bytes_sent());
+  o.strategy = Strategy::allgather_kv;
+  EXPECT_TRUE(uaa::detail::plan_data(make(s, o)).forward.out.send_parts.empty());
+}
+
+TEST_F(FromLengths, UlyssesNamesWhatDoesNotDivide) {
+  PlanOptions o;
+  o.strategy = Strategy::ulysses;
+  auto message = [&](Lens q2, Lens kv2, std::int64_t heads) -> std::string {
+    try {
+      Plan::from_lengths(*comm, shape(heads, heads, 8), q2, kv2, o);
+    } catch (const uaa::Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+      return e.what();
+    }
+    return "nothing thrown";
+  };
+  EXPECT_NE(message({4, 3, 4, 4}, {4, 3, 4, 4}, 4).find("15 tokens over 4 ranks"), std::string::npos);
+  EXPECT_NE(message({5, 3, 4, 4}, {5, 3, 4, 4}, 4).find("rank 0 holds 5"), std::string::npos);
+  EXPECT_NE(message({4, 4, 4, 4}, {4, 4, 4, 4}, 6).find("6 heads over 4 ranks"), std::string::npos);
+  EXPECT_NE(message({4, 4, 4, 4}, {3, 2, 3, 4}, 4).find("key/value"), std::string::npos);
+  // What ulysses accepts is plain Ulysses: no padding, and the bytes uaa sends to other ranks.
+  const Lens even = {6, 6, 6, 6};
+  const Plan pu = Plan::from_lengths(*comm, shape(8, 8, 16), even, even, o);
+  const Plan uu = Plan::from_lengths(*comm, shape(8, 8, 16), even, even);
+  EXPECT_EQ(pu.bytes_sent(), uu.bytes_sent());
+  EXPECT_EQ(pu.bytes_received(), uu.bytes_received());
+}
+
+TEST_F(FromLengths, RejectsUnknownStrategyAndRanksOutOfRange) {
+  PlanOptions o;
+  o.strategy = static_cast<Strategy>(9);
+  expect_error([&] { make(shape(4, 4, 8), o); }, ErrorCode::invalid_argument, kRank, {9});
+  const Plan p = make(shape(4, 4, 8));
+  for (int bad : {-1, kRanks}) {
+    expect_error([&] { p.work(bad); }, ErrorCode::invalid_argument, bad, {bad, kRanks});
+    expect_error([&] { p.q_head_begin(bad); }, ErrorCode::invalid_argument, bad, {bad});
+    expect_error([&] { p.kv_head_end(bad); }, ErrorCode::invalid_argument, bad, {bad});
+  }
 }
 
 TEST_F(FromLengths, AcceptsBoundaryShapes) {
@@ -170,19 +253,22 @@ TEST_F(FromLengths, RejectsNonFiniteScaleAndUnknownDtype) {
   expect_error([&] { make(s); }, ErrorCode::invalid_argument, kRank, {7});
 }
 
-// Valid either way: if the kernel gains bf16 the plan must build, until then it is `unsupported`.
-TEST_F(FromLengths, Bf16IsBuiltOrUnsupported) {
+// Valid either way: if the kernel runs bf16 the plan is usable; if not, from_lengths (which cannot
+// tell the other ranks) still returns the plan, marked failed with `unsupported`, for its first
+// forward() to report on every rank.
+TEST_F(FromLengths, Bf16IsBuiltOrMarkedUnsupported) {
   AttentionShape s = shape(4, 4, 8);
   s.dtype = DType::bf16;
+  Plan p = make(shape(1, 1, 1));
+  ASSERT_NO_THROW(p = make(s));
+  const uaa::detail::PlanData& d = uaa::detail::plan_data(p);
   if (uaa::detail::kernel_supports(DType::bf16)) {
-    EXPECT_NO_THROW(make(s));
+    EXPECT_FALSE(d.failed) << d.error_message;
   } else {
-    expect_error([&] { make(s); }, ErrorCode::unsupported, kRank, {});
-    try {
-      make(s);
-    } catch (const uaa::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("bf16"), std::string::npos) << e.what();
-    }
+    EXPECT_TRUE(d.failed);
+    EXPECT_EQ(d.error_code, ErrorCode::unsupported);
+    EXPECT_NE(d.error_message.find("bf16"), std::string::npos) << d.error_message;
+    EXPECT_NE(d.error_message.find("rank " + std::to_string(kRank)), std::string::npos) << d.error_message;
   }
 }
 
@@ -208,6 +294,17 @@ TEST_F(FromLengths, FingerprintCoversEveryAgreedField) {
   s = base;
   s.scale = 0.3f;
   differs("scale", q, kv, s);
+  s = base;
+  s.dtype = DType::bf16;
+  differs("dtype", q, kv, s);
+  for (Strategy st : {Strategy::ulysses_pad, Strategy::allgather_kv}) {
+    PlanOptions o;
+    o.strategy = st;
+    EXPECT_NE(make(base, o).fingerprint(), f) << uaa::strategy_name(st);
+  }
+  PlanOptions mixed;
+  mixed.allow_mixed_kernels = true;
+  EXPECT_NE(make(base, mixed).fingerprint(), f) << "allow_mixed_kernels";
 }
 
 // Plan::create over a one-rank communicator: one all-gather, same validation as from_lengths.

@@ -41,7 +41,9 @@ Run:
   --json               print one JSON object on one line (rank 0, stdout)
   --help               this text
 
-Timings: per phase, the median over the timed calls on each rank, then the maximum over ranks.
+Timings: per phase, the median over the timed calls on each rank, then the maximum over ranks
+("handshake" is the call's agreement). The report also names the kernel and the data path of the
+calls: data_path peer_memory (single-copy reads/writes of the peers' memory) or messages.
 Errors print "uaa run: rank R: <message>" on stderr and exit with status 2.
 )";
 }

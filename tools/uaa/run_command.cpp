@@ -1,5 +1,6 @@
 // `uaa run`: builds a plan for the given layout, runs forward() over MPI_COMM_WORLD, reports phase
-// timings and, with --check, compares against a single-rank run (bitwise) and a float64 reference.
+// timings, the kernel and the data path (peer memory or messages, from uaa::last_call) and, with
+// --check, compares against a single-rank run (bitwise) and a float64 reference.
 //
 // Failure handling: every step that can fail on some ranks only (reading files, allocating, the
 // rank-0 work of --check/--save) runs inside local_step(), which ends with an agreement among all
@@ -344,7 +345,7 @@ CheckResult rank0_work(const RunOptions& o, const Setup& s, const AttentionShape
     a.v = v.view();
     a.out = single.view();
     Workspace ws;
-    forward(*self, plan, a, ws);
+    forward(plan, a, ws);
     result.bitwise_equal =
         single.bytes() == 0 ||
         std::memcmp(single.data(), out_gathered.data(), static_cast<std::size_t>(single.bytes())) == 0;
@@ -383,13 +384,14 @@ int run(const RunOptions& o, int me, int P) {
   shape.head_dim = s.head_dim;
   shape.dtype = o.dtype;
   shape.causal = o.causal;
-  shape.strategy = o.strategy;
+  PlanOptions options;
+  options.strategy = o.strategy;
 
   MPI_Barrier(world);
   const auto t_plan = Clock::now();
   const Plan plan = collective([&] {
     return Plan::create(*comm, shape, s.lens[static_cast<std::size_t>(me)],
-                        s.kv_lens[static_cast<std::size_t>(me)]);
+                        s.kv_lens[static_cast<std::size_t>(me)], options);
   });
   const double plan_ms = ms_since(t_plan);
 
@@ -415,13 +417,13 @@ int run(const RunOptions& o, int me, int P) {
   Workspace ws;
   if (o.iters > 1) {
     MPI_Barrier(world);
-    collective([&] { forward(*comm, plan, args, ws); });
+    collective([&] { forward(plan, args, ws); });
   }
   std::vector<std::vector<double>> phase(kPhases);
   for (std::int64_t i = 0; i < o.iters; ++i) {
     PhaseTimes t;
     MPI_Barrier(world);
-    collective([&] { forward(*comm, plan, args, ws, &t); });
+    collective([&] { forward(plan, args, ws, &t); });
     const double values[kPhases - 1] = {t.handshake, t.pack,   t.exchange_qkv, t.attention,
                                         t.exchange_out, t.unpack, t.total};
     for (int p = 0; p < kPhases - 1; ++p) phase[static_cast<std::size_t>(p + 1)].push_back(values[p]);
@@ -433,6 +435,8 @@ int run(const RunOptions& o, int me, int P) {
   std::int64_t max_sent = 0;
   MPI_Reduce(&sent, &max_sent, 1, MPI_INT64_T, MPI_MAX, 0, world);
   const char* kernel = kernel_name();
+  // How the timed calls moved data (the same on every rank: peer memory needs it everywhere).
+  const char* data_path = last_call(ws).peer_memory ? "peer_memory" : "messages";
 
   // Output to rank 0, one MPI element per token row.
   CheckResult check;
@@ -476,7 +480,8 @@ int run(const RunOptions& o, int me, int P) {
           .field("strategy", strategy_name(o.strategy))
           .field("iters", o.iters);
       if (!s.from_files) j.field("seed", static_cast<std::uint64_t>(o.seed));
-      j.field("kernel", kernel).field("threads", uaa::num_threads()).begin_object("ms");
+      j.field("kernel", kernel).field("threads", uaa::num_threads()).field("data_path", data_path);
+      j.begin_object("ms");
       for (int p = 0; p < kPhases; ++p) j.field(kPhaseNames[p], max_ms[p]);
       j.end_object().field("bytes_sent", max_sent);
       if (o.check) j.field("max_abs_err", check.max_abs_err).field("bitwise_equal", check.bitwise_equal);
@@ -493,6 +498,7 @@ int run(const RunOptions& o, int me, int P) {
                   static_cast<long long>(o.iters), o.iters == 1 ? "" : "s", kernel, uaa::num_threads(),
                   uaa::num_threads() == 1 ? "" : "s",
                   (s.from_files ? cat("data ", o.load_dir) : cat("seed ", o.seed)).c_str());
+      std::printf("data_path: %s, kernel: %s\n", data_path, kernel);
       std::printf("bytes sent per rank (max over ranks): %lld\n", static_cast<long long>(max_sent));
       std::printf("%-14s %12s   (median over iterations, max over ranks)\n", "phase", "ms");
       for (int p = 0; p < kPhases; ++p) std::printf("%-14s %s\n", kPhaseNames[p], fixed_ms(max_ms[p]).c_str());

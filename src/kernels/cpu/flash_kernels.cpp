@@ -69,6 +69,8 @@ Sizes sizes_for(const KernelProblem& p, bool pairs, int threads) {
   return s;
 }
 
+int threads_of(const KernelProblem& p) { return p.threads < 1 ? 1 : p.threads; }
+
 class FlashKernel final : public AttentionKernel {
  public:
   FlashKernel(const char* name, Isa isa) : name_(name), isa_(isa) {}
@@ -76,12 +78,12 @@ class FlashKernel final : public AttentionKernel {
   bool supports(DType dtype) const override { return dtype == DType::f32 || dtype == DType::bf16; }
 
   std::size_t scratch_bytes(const KernelProblem& p) const override {
-    return sizes_for(p, uses_bf16_pairs(isa_, p.dtype), num_threads()).layout.total;
+    return sizes_for(p, uses_bf16_pairs(isa_, p.dtype), threads_of(p)).layout.total;
   }
 
   void run(const KernelProblem& kp) const override {
     const bool pairs = uses_bf16_pairs(isa_, kp.dtype);
-    const int threads = num_threads();
+    const int threads = threads_of(kp);
     const Sizes sz = sizes_for(kp, pairs, threads);
     char* scratch = static_cast<char*>(kp.scratch);
     auto* q = reinterpret_cast<flash::Segment*>(scratch);

@@ -1,0 +1,294 @@
+#include "exec/executor.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+
+#include "common/strings.h"
+#include "uaa/error.h"
+
+namespace uaa::detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// A staging block whose rows are dense ([tokens][heads][row] with no gaps) is one contiguous run.
+bool dense_staging(const Place& p, std::int64_t heads) {
+  return is_staging(p.slot) && (p.pitch == 0 || p.pitch == heads);
+}
+
+void copy_block(const BlockAddress& src, const BlockAddress& dst, std::int64_t tokens,
+                std::int64_t heads, std::int64_t row) {
+  const auto run = static_cast<std::size_t>(row);
+  if (src.head_stride == row && dst.head_stride == row) {  // a token's heads are contiguous
+    const std::size_t token_bytes = run * static_cast<std::size_t>(heads);
+    if (src.token_stride == row * heads && dst.token_stride == row * heads) {
+      std::memcpy(dst.base, src.base, token_bytes * static_cast<std::size_t>(tokens));
+      return;
+    }
+    for (std::int64_t t = 0; t < tokens; ++t)
+      std::memcpy(dst.base + t * dst.token_stride, src.base + t * src.token_stride, token_bytes);
+    return;
+  }
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (std::int64_t h = 0; h < heads; ++h)
+      std::memcpy(dst.base + t * dst.token_stride + h * dst.head_stride,
+                  src.base + t * src.token_stride + h * src.head_stride, run);
+}
+
+void zero_block(const BlockAddress& dst, std::int64_t tokens, std::int64_t heads, std::int64_t row) {
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (std::int64_t h = 0; h < heads; ++h)
+      std::memset(dst.base + t * dst.token_stride + h * dst.head_stride, 0,
+                  static_cast<std::size_t>(row));
+}
+
+BlockAddress dense_at(std::byte* p, std::int64_t heads, std::int64_t row) {
+  return {p, heads * row, row};
+}
+
+StridedBytes strided(const BlockAddress& a, std::int64_t tokens, std::int64_t heads, std::int64_t row) {
+  StridedBytes s;
+  s.address = reinterpret_cast<std::uintptr_t>(a.base);
+  s.n0 = tokens;
+  s.s0 = a.token_stride;
+  s.n1 = heads;
+  s.s1 = a.head_stride;
+  s.run = row;
+  return s;
+}
+
+// Fault injection for tests (docs/FAILURE_MODEL.md): UAA_INJECT_FAULT=<point> makes this process
+// fail at that point as if the OS had refused the copy. Points: peer_write, peer_read.
+bool injected(const char* point) {
+  const char* env = std::getenv("UAA_INJECT_FAULT");
+  return env != nullptr && std::strcmp(env, point) == 0;
+}
+
+}  // namespace
+
+BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std::int64_t row_bytes) {
+  const std::int64_t es = b.elem_bytes;
+  auto in_tensor = [&](const void* data, std::int64_t ts, std::int64_t hs) {
+    auto* base = static_cast<std::byte*>(const_cast<void*>(data));
+    return BlockAddress{base + (p.token * ts + p.head * hs) * es, ts * es, hs * es};
+  };
+  switch (p.slot) {
+    case Slot::q: return in_tensor(b.q.data, b.q.token_stride, b.q.head_stride);
+    case Slot::k: return in_tensor(b.k.data, b.k.token_stride, b.k.head_stride);
+    case Slot::v: return in_tensor(b.v.data, b.v.token_stride, b.v.head_stride);
+    case Slot::out: return in_tensor(b.out.data, b.out.token_stride, b.out.head_stride);
+    case Slot::lse: {
+      constexpr std::int64_t f = sizeof(float);
+      auto* base = reinterpret_cast<std::byte*>(b.lse + p.token * b.lse_token_stride + p.head);
+      return {base, b.lse_token_stride * f, f};
+    }
+    case Slot::stage_in:
+    case Slot::stage_out: {
+      std::byte* base = (p.slot == Slot::stage_in ? b.stage_in : b.stage_out) + p.offset;
+      return {base, (p.pitch ? p.pitch : heads) * row_bytes, row_bytes};
+    }
+    case Slot::pad: break;
+  }
+  throw Error(ErrorCode::internal, "uaa: resolve() of a padding place");
+}
+
+void copy_local(const Bindings& b, const Part& x) {
+  if (x.dst.slot == Slot::pad) return;
+  const BlockAddress dst = resolve(b, x.dst, x.heads, x.row_bytes);
+  if (x.src.slot == Slot::pad) {
+    zero_block(dst, x.tokens, x.heads, x.row_bytes);
+    return;
+  }
+  copy_block(resolve(b, x.src, x.heads, x.row_bytes), dst, x.tokens, x.heads, x.row_bytes);
+}
+
+std::int64_t pack_bytes(const ExchangeStep& step) {
+  std::int64_t n = 0;
+  for (const PeerParts& pp : step.send)
+    if (pp.peer != step.self)
+      for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+        const Part& x = step.send_parts[i];
+        if (!dense_staging(x.src, x.heads)) n += (x.bytes() + 63) / 64 * 64;
+      }
+  return n;
+}
+
+std::int64_t unpack_bytes(const ExchangeStep& step) {
+  std::int64_t n = 0;
+  for (const PeerParts& pp : step.recv)
+    if (pp.peer != step.self)
+      for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+        const Part& x = step.recv_parts[i];
+        if (!dense_staging(x.dst, x.heads)) n += (x.bytes() + 63) / 64 * 64;
+      }
+  return n;
+}
+
+void run_exchange_by_messages(Communicator& comm, const ExchangeStep& step, const Bindings& b,
+                              WorkspaceBuffers& B, ExchangeTimes& t) {
+  auto t0 = Clock::now();
+  // Parts to myself (comparison strategies only): local copies, in order.
+  for (const PeerParts& pp : step.send)
+    if (pp.peer == step.self)
+      for (std::uint32_t i = pp.begin; i < pp.end; ++i) copy_local(b, step.send_parts[i]);
+  B.sends.clear();
+  B.recvs.clear();
+  B.unpack_parts.clear();
+  B.unpack_offsets.clear();
+  std::int64_t at = 0;
+  for (const PeerParts& pp : step.send) {
+    if (pp.peer == step.self) continue;
+    for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+      const Part& x = step.send_parts[i];
+      std::byte* data;
+      if (dense_staging(x.src, x.heads)) {
+        data = resolve(b, x.src, x.heads, x.row_bytes).base;
+      } else {
+        data = B.pack.data() + at;
+        at += (x.bytes() + 63) / 64 * 64;
+        const BlockAddress dst = dense_at(data, x.heads, x.row_bytes);
+        if (x.src.slot == Slot::pad)
+          std::memset(data, 0, static_cast<std::size_t>(x.bytes()));
+        else
+          copy_block(resolve(b, x.src, x.heads, x.row_bytes), dst, x.tokens, x.heads, x.row_bytes);
+      }
+      B.sends.push_back(Message{pp.peer, data, x.bytes()});
+    }
+  }
+  at = 0;
+  for (const PeerParts& pp : step.recv) {
+    if (pp.peer == step.self) continue;
+    for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+      const Part& x = step.recv_parts[i];
+      std::byte* data;
+      if (dense_staging(x.dst, x.heads)) {
+        data = resolve(b, x.dst, x.heads, x.row_bytes).base;
+      } else {
+        data = B.unpack.data() + at;
+        B.unpack_parts.push_back(i);
+        B.unpack_offsets.push_back(at);
+        at += (x.bytes() + 63) / 64 * 64;
+      }
+      B.recvs.push_back(Message{pp.peer, data, x.bytes()});
+    }
+  }
+  t.pack += ms_since(t0);
+  t0 = Clock::now();
+  if (!B.sends.empty() || !B.recvs.empty()) comm.exchange(B.sends, B.recvs);
+  t.transfer += ms_since(t0);
+  t0 = Clock::now();
+  for (std::size_t k = 0; k < B.unpack_parts.size(); ++k) {
+    const Part& x = step.recv_parts[B.unpack_parts[k]];
+    if (x.dst.slot == Slot::pad) continue;
+    copy_block(dense_at(B.unpack.data() + B.unpack_offsets[k], x.heads, x.row_bytes),
+               resolve(b, x.dst, x.heads, x.row_bytes), x.tokens, x.heads, x.row_bytes);
+  }
+  t.unpack += ms_since(t0);
+}
+
+std::string write_in_parts(Communicator& comm, const ExchangeStep& in, const Bindings& b,
+                           const std::uint64_t* peer_stage_in, WorkspaceBuffers& B) {
+  B.writes.clear();
+  for (const PeerParts& pp : in.send) {
+    if (pp.peer == in.self) continue;
+    for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+      const Part& x = in.send_parts[i];
+      if (!is_tensor(x.src.slot) || x.dst.slot != Slot::stage_in)
+        return cat("internal: part ", i, " to rank ", pp.peer,
+                   " is not tensor -> stage_in (peer writes cannot move it)");
+      const auto* remote_base = reinterpret_cast<std::byte*>(peer_stage_in[pp.peer]);
+      Bindings remote;
+      remote.stage_in = const_cast<std::byte*>(remote_base);
+      const BlockAddress to = resolve(remote, x.dst, x.heads, x.row_bytes);
+      const BlockAddress from = resolve(b, x.src, x.heads, x.row_bytes);
+      B.writes.push_back(PeerWrite{pp.peer, strided(from, x.tokens, x.heads, x.row_bytes),
+                                   strided(to, x.tokens, x.heads, x.row_bytes)});
+    }
+  }
+  if (injected("peer_write")) return "write_peers: injected fault (UAA_INJECT_FAULT=peer_write)";
+  try {
+    comm.write_peers(B.writes);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+std::string read_out_parts(Communicator& comm, const ExchangeStep& out, const Bindings& b,
+                           const std::uint64_t* peer_stage_out, WorkspaceBuffers& B) {
+  B.reads.clear();
+  for (const PeerParts& pp : out.recv) {
+    if (pp.peer == out.self) continue;
+    for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+      const Part& x = out.recv_parts[i];
+      if (x.src.slot != Slot::stage_out || !is_tensor(x.dst.slot))
+        return cat("internal: part ", i, " from rank ", pp.peer,
+                   " is not stage_out -> tensor (peer reads cannot move it)");
+      Bindings remote;
+      remote.stage_out = reinterpret_cast<std::byte*>(peer_stage_out[pp.peer]);
+      const BlockAddress from = resolve(remote, x.src, x.heads, x.row_bytes);
+      const BlockAddress to = resolve(b, x.dst, x.heads, x.row_bytes);
+      B.reads.push_back(PeerRead{pp.peer, strided(from, x.tokens, x.heads, x.row_bytes),
+                                 strided(to, x.tokens, x.heads, x.row_bytes)});
+    }
+  }
+  if (injected("peer_read")) return "read_peers: injected fault (UAA_INJECT_FAULT=peer_read)";
+  try {
+    comm.read_peers(B.reads);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const AttentionShape& s,
+                             int threads, WorkspaceBuffers& B) {
+  const std::int64_t es = b.elem_bytes, D = s.head_dim, row = D * es;
+  B.qseg.clear();
+  B.kseg.clear();
+  B.vseg.clear();
+  B.oseg.clear();
+  auto segment = [&](const Place& p, std::int64_t tokens, std::int64_t dense_heads) {
+    const BlockAddress a = resolve(b, p, dense_heads, row);
+    return TokenSegment{a.base, tokens, a.token_stride / es, a.head_stride / es};
+  };
+  for (const QuerySegment& q : c.q) {
+    B.qseg.push_back(segment(q.q, q.tokens, q.dense_heads));
+    const BlockAddress o = resolve(b, q.out, q.dense_heads, row);
+    OutSegment os{o.base, o.token_stride / es, o.head_stride / es, nullptr, 0};
+    if (q.lse.slot != Slot::pad) {
+      const BlockAddress l = resolve(b, q.lse, q.dense_heads, sizeof(float));
+      os.lse = reinterpret_cast<float*>(l.base);
+      os.lse_token_stride = l.token_stride / static_cast<std::int64_t>(sizeof(float));
+    }
+    B.oseg.push_back(os);
+  }
+  for (const KeySegment& k : c.kv) {
+    B.kseg.push_back(segment(k.k, k.tokens, k.dense_heads));
+    B.vseg.push_back(segment(k.v, k.tokens, k.dense_heads));
+  }
+  KernelProblem kp;
+  kp.dtype = s.dtype;
+  kp.head_dim = D;
+  kp.q_heads = c.q_heads;
+  kp.q_head_begin = c.q_head_begin;
+  kp.kv_head_begin = c.kv_head_begin;
+  kp.group = s.q_heads / s.kv_heads;
+  kp.q = B.qseg;
+  kp.k = B.kseg;
+  kp.v = B.vseg;
+  kp.out = B.oseg;
+  kp.q_first = c.q_first;
+  kp.q_total = c.q_total;
+  kp.kv_total = c.kv_total;
+  kp.scale = s.scale;
+  kp.causal = c.causal;
+  kp.threads = threads;
+  return kp;
+}
+
+}  // namespace uaa::detail

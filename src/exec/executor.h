@@ -1,0 +1,73 @@
+// Executors (internal): run a rank's Program (src/program/program.h) over a transport.
+//
+//   - run_exchange_by_messages: every part becomes one message (Communicator::exchange); parts whose
+//     side is a dense staging block travel straight from/into staging, the others are packed into
+//     or unpacked from the workspace's pack/unpack areas. A part to or from the rank itself is a
+//     local copy.
+//   - run_exchange_by_peer_memory: single-copy process_vm_writev/readv between this rank's tensors
+//     and the peers' staging (the side that holds the tensor performs the copy: the sender writes
+//     q/k/v rows into the receiver's stage_in, the receiver reads output rows out of the sender's
+//     stage_out). Only staging addresses are needed, and they change only when a workspace grows,
+//     so calls in steady state publish no addresses.
+//   - run_compute: one kernel call per compute step, segments resolved from the same places.
+// The bytes a program names are the same whichever executor moves them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/workspace.h"
+#include "kernels/kernel.h"
+#include "program/program.h"
+#include "uaa/attention.h"
+#include "uaa/communicator.h"
+#include "uaa/plan.h"
+
+namespace uaa::detail {
+
+// Where the places of a program are in this process for one call.
+struct Bindings {
+  ConstTensor q, k, v;
+  Tensor out;
+  float* lse = nullptr;
+  std::int64_t lse_token_stride = 0;  // elements
+  std::byte* stage_in = nullptr;
+  std::byte* stage_out = nullptr;
+  std::int64_t elem_bytes = 4;
+};
+
+// A [tokens][heads][row] block's address and strides in bytes.
+struct BlockAddress {
+  std::byte* base = nullptr;
+  std::int64_t token_stride = 0, head_stride = 0;
+};
+// Precondition: p.slot != pad.
+BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std::int64_t row_bytes);
+
+// Copies one part whose two places are both in this process (pad source: zeros; pad dest: dropped).
+void copy_local(const Bindings& b, const Part& part);
+
+// The staging and pack/unpack bytes the message executor needs for `step` (this rank).
+std::int64_t pack_bytes(const ExchangeStep& step);
+std::int64_t unpack_bytes(const ExchangeStep& step);
+
+struct ExchangeTimes {
+  double pack = 0, transfer = 0, unpack = 0;
+};
+void run_exchange_by_messages(Communicator& comm, const ExchangeStep& step, const Bindings& b,
+                              WorkspaceBuffers& B, ExchangeTimes& t);
+
+// Peer memory: writes the `in` step's parts (this rank's tensors -> peers' stage_in) or reads the
+// `out` step's parts (peers' stage_out -> this rank's tensors). peer_in/peer_out: every rank's
+// staging bases. Returns "" or this rank's error (nothing is left in flight either way).
+std::string write_in_parts(Communicator& comm, const ExchangeStep& in, const Bindings& b,
+                           const std::uint64_t* peer_stage_in, WorkspaceBuffers& B);
+std::string read_out_parts(Communicator& comm, const ExchangeStep& out, const Bindings& b,
+                           const std::uint64_t* peer_stage_out, WorkspaceBuffers& B);
+
+// The kernel problem of one compute step, with segments in B's lists (pointers valid until the next
+// call that uses B's lists). scratch is not set.
+KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const AttentionShape& s,
+                             int threads, WorkspaceBuffers& B);
+
+}  // namespace uaa::detail

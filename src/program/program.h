@@ -1,0 +1,114 @@
+// Exchange programs (internal): what one rank does in one kind of call, as data.
+//
+// A plan compiles each kind of call into a Program for its rank: exchange steps (per peer, an
+// ordered list of strided copies of [tokens][heads][row] blocks between the caller's tensors and
+// the rank's staging buffers) and compute steps (kernel calls over segments that name the same
+// places). Programs name no transport: executors (src/exec/) run them with messages or with
+// single-copy peer reads/writes, and a GPU executor would run them with grouped send/recv and
+// device copies. Generators are pure functions of the plan geometry and the rank (no MPI), so
+// every property of the data movement is unit-tested in one process (tests/unit/program_test.cpp).
+//
+// Places. A Place names where a [tokens][heads][row_bytes] block lives on one rank:
+//   - a caller tensor (q, k, v, out, lse): element (t, h) at the caller's view with local token
+//     `token + t` and head `head + h` (the caller's strides; lse rows are one float per head);
+//   - a staging buffer (stage_in, stage_out): rows at byte `offset`, element (t, h) at
+//     offset + (t * pitch + h) * row_bytes, where pitch is the place's pitch or, when that is 0,
+//     the block's own heads (dense);
+//   - pad: padding of the comparison strategies: reads as zeros, writes are dropped.
+// stage_in holds what this rank receives and its kernels read (q/k/v rows of other ranks);
+// stage_out holds what its kernels write for other ranks (output and lse rows). Areas in staging
+// start on 64-byte boundaries.
+//
+// Parts. A Part moves one block: `src` on the sending rank, `dst` on the receiving rank, both with
+// the part's tokens x heads x row_bytes. For every pair (r, j), r's send list to j and j's receive
+// list from r are the same parts in the same order (tested): messages can be matched in order, and
+// a peer-memory executor can compute a remote address from the part alone.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace uaa::detail {
+
+enum class Slot : std::uint8_t { q, k, v, out, lse, stage_in, stage_out, pad };
+const char* slot_name(Slot s);
+inline bool is_tensor(Slot s) { return s <= Slot::lse; }
+inline bool is_staging(Slot s) { return s == Slot::stage_in || s == Slot::stage_out; }
+
+struct Place {
+  Slot slot = Slot::pad;
+  std::int64_t token = 0, head = 0;  // caller tensors: local token and head index
+  std::int64_t offset = 0;           // staging: byte offset of the block
+  std::int64_t pitch = 0;            // staging: heads per token row (0: the block's heads)
+};
+
+struct Part {
+  std::int64_t tokens = 0, heads = 0, row_bytes = 0;
+  Place src, dst;  // src on the sender, dst on the receiver
+  std::int64_t bytes() const { return tokens * heads * row_bytes; }
+};
+
+// Parts [begin, end) of a step's part list exchanged with `peer` (peer may be the rank itself:
+// then src and dst are both local and executors copy).
+struct PeerParts {
+  int peer = 0;
+  std::uint32_t begin = 0, end = 0;
+};
+
+struct ExchangeStep {
+  std::vector<Part> send_parts, recv_parts;
+  std::vector<PeerParts> send, recv;  // ordered by peer; no entry for a peer with no parts
+  std::int64_t bytes_to_peers() const;    // sent to ranks other than `self`
+  std::int64_t bytes_from_peers() const;  // received from ranks other than `self`
+  int self = 0;
+};
+
+// One kernel call: the rows of q heads [q_head_begin, + q_heads) from global query row q_first,
+// as segments in global token order; keys/values likewise (kv heads from kv_head_begin).
+struct QuerySegment {
+  Place q, out, lse;             // lse.slot == pad: no lse
+  std::int64_t tokens = 0;
+  std::int64_t dense_heads = 0;  // staging places: heads per dense row (q/out of this piece)
+};
+struct KeySegment {
+  Place k, v;
+  std::int64_t tokens = 0;
+  std::int64_t dense_heads = 0;  // staging places: kv heads per dense row
+};
+struct ComputeStep {
+  std::int64_t q_head_begin = 0, q_heads = 0, kv_head_begin = 0;
+  std::int64_t q_first = 0, q_total = 0, kv_total = 0;
+  bool causal = false;
+  std::vector<QuerySegment> q;
+  std::vector<KeySegment> kv;
+};
+
+// A whole call for one rank: exchange `in`, compute every step, exchange `out` (either exchange may
+// be empty). stage_in_bytes / stage_out_bytes: the staging this rank needs.
+struct Program {
+  ExchangeStep in, out;
+  std::vector<ComputeStep> compute;
+  std::int64_t stage_in_bytes = 0, stage_out_bytes = 0;
+  std::int64_t bytes_sent() const { return in.bytes_to_peers() + out.bytes_to_peers(); }
+  std::int64_t bytes_received() const { return in.bytes_from_peers() + out.bytes_from_peers(); }
+};
+
+// What a generator needs of a plan (all ranks' lengths; normalized shape).
+struct Geometry {
+  std::vector<std::int64_t> q_lens, kv_lens;
+  std::int64_t q_heads = 0, kv_heads = 0, head_dim = 0, elem_bytes = 0;
+  bool causal = false, with_lse = false;
+};
+
+// Generators, one per strategy (plan.h describes them). Precondition: validated geometry;
+// ulysses additionally needs what ulysses_problem() checks.
+struct RankWork;
+Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work, int rank);
+Program compile_padded_forward(const Geometry& g, int rank);  // ulysses and ulysses_pad
+Program compile_allgather_kv_forward(const Geometry& g, int rank);
+
+// A readable dump of a program (tests print it on failure; `uaa plan --program` shows it).
+std::string describe(const Program& p);
+
+}  // namespace uaa::detail

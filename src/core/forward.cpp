@@ -228,9 +228,9 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
       wanted = prog.stage_out_bytes;
       B.reserve(B.stage_out, prog.stage_out_bytes);
       if (!su.peer_memory) {
-        wanted = std::max(pack_bytes(prog.in), pack_bytes(prog.out));
+        wanted = prog.pack_bytes;
         B.reserve(B.pack, wanted);
-        wanted = std::max(unpack_bytes(prog.in), unpack_bytes(prog.out));
+        wanted = prog.unpack_bytes;
         B.reserve(B.unpack, wanted);
       }
       Bindings& b = su.bindings;

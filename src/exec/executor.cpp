@@ -106,28 +106,6 @@ void copy_local(const Bindings& b, const Part& x) {
   copy_block(resolve(b, x.src, x.heads, x.row_bytes), dst, x.tokens, x.heads, x.row_bytes);
 }
 
-std::int64_t pack_bytes(const ExchangeStep& step) {
-  std::int64_t n = 0;
-  for (const PeerParts& pp : step.send)
-    if (pp.peer != step.self)
-      for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
-        const Part& x = step.send_parts[i];
-        if (!dense_staging(x.src, x.heads)) n += (x.bytes() + 63) / 64 * 64;
-      }
-  return n;
-}
-
-std::int64_t unpack_bytes(const ExchangeStep& step) {
-  std::int64_t n = 0;
-  for (const PeerParts& pp : step.recv)
-    if (pp.peer != step.self)
-      for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
-        const Part& x = step.recv_parts[i];
-        if (!dense_staging(x.dst, x.heads)) n += (x.bytes() + 63) / 64 * 64;
-      }
-  return n;
-}
-
 void run_exchange_by_messages(Communicator& comm, const ExchangeStep& step, const Bindings& b,
                               WorkspaceBuffers& B, ExchangeTimes& t) {
   auto t0 = Clock::now();

@@ -47,10 +47,6 @@ BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std:
 // Copies one part whose two places are both in this process (pad source: zeros; pad dest: dropped).
 void copy_local(const Bindings& b, const Part& part);
 
-// The staging and pack/unpack bytes the message executor needs for `step` (this rank).
-std::int64_t pack_bytes(const ExchangeStep& step);
-std::int64_t unpack_bytes(const ExchangeStep& step);
-
 struct ExchangeTimes {
   double pack = 0, transfer = 0, unpack = 0;
 };

@@ -17,6 +17,7 @@ namespace {
 // Returns an empty string when the shape is valid, else what is wrong with it.
 std::string shape_problem(const AttentionShape& s) {
   if (s.q_heads < 1) return cat("q_heads ", s.q_heads, " must be >= 1");
+  if (s.q_heads > 2147483647) return cat("q_heads ", s.q_heads, " is above 2^31 - 1");
   if (s.kv_heads < 0) return cat("kv_heads ", s.kv_heads, " must be >= 1 (or 0 for q_heads)");
   const std::int64_t kv = s.kv_heads == 0 ? s.q_heads : s.kv_heads;
   if (s.q_heads % kv != 0)

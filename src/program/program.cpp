@@ -40,7 +40,7 @@ Place staged(Slot s, std::int64_t offset, std::int64_t pitch = 0) {
   Place p;
   p.slot = s;
   p.offset = offset;
-  p.pitch = pitch;
+  p.pitch = static_cast<std::int32_t>(pitch);
   return p;
 }
 Place pad() { return Place{}; }
@@ -55,7 +55,13 @@ class StepBuilder {
   }
   void add(std::int64_t tokens, std::int64_t heads, std::int64_t row_bytes, Place src, Place dst) {
     if (tokens <= 0 || heads <= 0 || row_bytes <= 0) return;
-    parts_.push_back(Part{tokens, heads, row_bytes, src, dst});
+    Part x;
+    x.tokens = tokens;
+    x.heads = static_cast<std::int32_t>(heads);
+    x.row_bytes = static_cast<std::int32_t>(row_bytes);
+    x.src = src;
+    x.dst = dst;
+    parts_.push_back(x);
   }
   void end_peer() {
     const auto end = static_cast<std::uint32_t>(parts_.size());
@@ -328,6 +334,7 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
   }
   prog.stage_in_bytes = in_mine.total;
   prog.stage_out_bytes = out_mine.total;
+  finalize(prog);
   return prog;
 }
 
@@ -379,7 +386,7 @@ void add_padded_block(StepBuilder& b, Slot tensor_slot, std::int64_t tokens, std
                       std::int64_t row, Place dst) {
   const std::int64_t real = std::clamp<std::int64_t>(real_heads_total - head0, 0, heads_padded);
   Place d = dst;
-  d.pitch = heads_padded;
+  d.pitch = static_cast<std::int32_t>(heads_padded);
   b.add(tokens, real, row, tensor(tensor_slot, 0, head0), d);
   Place dh = d;
   dh.offset += real * row;
@@ -396,7 +403,7 @@ void add_unpadded_block(StepBuilder& b, Slot tensor_slot, std::int64_t tokens,
                         std::int64_t heads_padded, std::int64_t row, Place src) {
   const std::int64_t real = std::clamp<std::int64_t>(real_heads_total - head0, 0, heads_padded);
   Place s = src;
-  s.pitch = heads_padded;
+  s.pitch = static_cast<std::int32_t>(heads_padded);
   b.add(tokens, real, row, s, tensor(tensor_slot, 0, head0));
   Place sh = s;
   sh.offset += real * row;
@@ -485,6 +492,7 @@ Program compile_padded_forward(const Geometry& g, int r) {
   for (int j = 0; j < P; ++j) out_block(out_recv, j, r);
   prog.stage_in_bytes = P * G.in_block;
   prog.stage_out_bytes = P * G.out_block;
+  finalize(prog);
   return prog;
 }
 
@@ -550,7 +558,27 @@ Program compile_allgather_kv_forward(const Geometry& g, int r) {
     prog.compute.push_back(std::move(c));
   }
   prog.stage_in_bytes = 2 * k_bytes(r);
+  finalize(prog);
   return prog;
+}
+
+void finalize(Program& p) {
+  auto packed = [](const ExchangeStep& s, bool send) {
+    std::int64_t n = 0;
+    const auto& peers = send ? s.send : s.recv;
+    const auto& parts = send ? s.send_parts : s.recv_parts;
+    for (const PeerParts& pp : peers)
+      if (pp.peer != s.self)
+        for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
+          const Part& x = parts[i];
+          const Place& side = send ? x.src : x.dst;
+          const bool dense = is_staging(side.slot) && (side.pitch == 0 || side.pitch == x.heads);
+          if (!dense) n += align(x.bytes());
+        }
+    return n;
+  };
+  p.pack_bytes = std::max(packed(p.in, true), packed(p.out, true));
+  p.unpack_bytes = std::max(packed(p.in, false), packed(p.out, false));
 }
 
 std::string describe(const Program& p) {

@@ -22,9 +22,9 @@
 // (plus grace_ per agreement round: a rank waiting in round i of an agreement waits for a partner
 // that is stuck in an earlier round, so the rank next to a stopped rank times out first and its
 // notice, which names the stopped rank, reaches the others before their own deadlines blame a
-// healthy neighbour). Polling: MPI_Testsome in a tight loop for the first 100 µs, then yielding the
-// core between polls, after 20 ms sleeping 100 µs between polls. MPICH raises errors of request
-// completion on MPI_COMM_WORLD's handler, not ours (uaa/mpi.h): nothing to do about it here.
+// healthy neighbour). Polling: MPI_Testsome in a tight loop for the first 100 µs, then yielding
+// the core between polls, after 20 ms sleeping 100 µs between polls. MPICH raises errors of
+// request completion on MPI_COMM_WORLD's handler, not ours (uaa/mpi.h): nothing to do about it.
 //
 // Failure notices: every communicator keeps one MPI_Irecv(ANY_SOURCE, kNoticeTag) posted on
 // control_; every wait loop tests it. The rank that detects a failure which leaves peers waiting (a

@@ -6,9 +6,9 @@
 //    MPI_Comm_dup).
 //  - timeout_seconds = 1e10 (or inf, or 0): no deadline, and it works (before: the 1e10 s deadline
 //    overflowed and operations failed at once).
-//  - A rank that stops participating before an agreement: every rank throws the same timeout, naming
-//    the stopped rank, also ranks that waited for a healthy neighbour of it (before: they blamed
-//    the neighbour), and the stopped rank itself when it comes back.
+//  - A rank that stops participating before an agreement: every rank throws the same timeout,
+//    naming the stopped rank, also ranks that waited for a healthy neighbour of it (before: they
+//    blamed the neighbour), and the stopped rank itself when it comes back.
 //  - An MPI error on one rank mid-exchange (MPI_ERR_TRUNCATE): that rank throws comm_failure, and
 //    every other rank throws the same code and message promptly, far below the deadline (before:
 //    the others waited out the deadline and reported a timeout). Every communicator is poisoned
@@ -101,7 +101,7 @@ class Fault : public ::testing::Test {
   void TearDown() override { MPI_Barrier(MPI_COMM_WORLD); }
 };
 
-// ---- (a), (b): a bad environment on one rank -----------------------------------------------------
+// ---- (a), (b): a bad environment on one rank ----------------------------------------------------
 
 void expect_construction_fails_everywhere(const char* variable, const char* value) {
   const int P = world_size(), me = world_rank(), bad = P - 1;
@@ -128,7 +128,8 @@ TEST_F(Fault, NanTimeoutOptionOnOneRankFailsEveryRank) {
   MpiOptions o;
   if (me == 0) o.timeout_seconds = std::nan("");
   const Timed t = timed([&] { make_mpi_communicator(MPI_COMM_WORLD, o); });
-  expect_same_error_everywhere(t.outcome, ErrorCode::invalid_argument, 0, {"timeout_seconds is NaN"});
+  expect_same_error_everywhere(t.outcome, ErrorCode::invalid_argument, 0,
+                               {"timeout_seconds is NaN"});
   EXPECT_LT(t.seconds, 10.0);
 }
 
@@ -146,7 +147,7 @@ TEST_F(Fault, BadOrDifferingMaxCountFailsEveryRank) {
                                {"disagree on MpiOptions::max_count", "1000", "2147483647"});
 }
 
-// ---- (c): huge, infinite and zero timeouts mean no deadline --------------------------------------
+// ---- (c): huge, infinite and zero timeouts mean no deadline -------------------------------------
 
 TEST_F(Fault, HugeInfiniteAndZeroTimeoutsWork) {
   const int P = world_size(), me = world_rank();
@@ -174,7 +175,7 @@ TEST_F(Fault, HugeInfiniteAndZeroTimeoutsWork) {
   expect_ok_everywhere(o);
 }
 
-// ---- (d): a rank stops participating --------------------------------------------------------------
+// ---- (d): a rank stops participating ------------------------------------------------------------
 
 constexpr double kDeadline = 2.0;
 
@@ -224,7 +225,7 @@ TEST_F(Fault, MiddleRankStops) {
   stopped_rank(1);
 }
 
-// ---- (e): an MPI error in the middle of an exchange -----------------------------------------------
+// ---- (e): an MPI error in the middle of an exchange ---------------------------------------------
 
 // MPICH (4.0) raises errors of request completion (MPI_Test*, MPI_Wait*) on MPI_COMM_WORLD's error
 // handler instead of the request's communicator's; with its default (fatal) handler the job aborts
@@ -297,8 +298,8 @@ TEST_F(Fault, MpiErrorReachesRanksAtTheirNextCall) {
   expect_poisoned(*comm);
 }
 
-// A malformed exchange on one rank stops the collective: every rank is told at once (the ranks whose
-// exchange completed without it: at their next call).
+// A malformed exchange on one rank stops the collective: every rank is told at once (the ranks
+// whose exchange completed without it: at their next call).
 TEST_F(Fault, MalformedExchangeOnOneRankReachesEveryRank) {
   const int P = world_size(), me = world_rank();
   if (P < 2) GTEST_SKIP() << "needs two ranks";

@@ -1,7 +1,7 @@
 // The large-message path at small sizes: MpiOptions::max_count caps the units handed to one MPI call,
 // so a tiny max_count forces every exchange through chunked point-to-point messages. The results must
 // be bit for bit those of the default communicator (which, with every rank on one node, moves data by
-// peer reads instead of messages), and exchange() on its own must deliver every byte in listed order.
+// peer reads instead of messages), and exchange() alone must deliver every byte in listed order.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -123,8 +123,8 @@ TEST(ChunkedPlan, CreateWorksWithASmallMaxCount) {
 }
 
 // The transport alone: exchange() with several messages per pair (self included), of sizes with
-// different factors of two (so different MPI units), cut into max_count-unit pieces. Every byte must
-// land where the listed order says, for every max_count.
+// different factors of two (so different MPI units), cut into max_count-unit pieces. Every byte
+// must land where the listed order says, for every max_count.
 TEST(ChunkedExchange, MessagesLandInListedOrderForEveryMaxCount) {
   const int P = world_size(), me = world_rank();
   // Message k from `src` to `dst`: its size (0 included: such messages are skipped) and bytes.

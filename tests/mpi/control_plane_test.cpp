@@ -251,7 +251,8 @@ TEST(ControlPlane, ManyAgreementsInARowMixedWithOtherTraffic) {
   for (int i = 0; i < 300; ++i) {
     Vote mine;
     mine.kind = static_cast<VoteKind>(1 + (i + me) % 4);
-    mine.fingerprint = static_cast<std::uint64_t>(i) * 1000003u + static_cast<std::uint64_t>(me % 3);
+    mine.fingerprint =
+        static_cast<std::uint64_t>(i) * 1000003u + static_cast<std::uint64_t>(me % 3);
     mine.kernel = static_cast<std::uint32_t>((i * 7 + me) % 11);
     mine.flags = static_cast<std::uint16_t>(i % 3 == 0 ? 1u << (me % 16) : 0);
     if (i % 37 == 5 && me == i % P) {

@@ -1,9 +1,9 @@
 // Peer reads and writes (Communicator::can_read_peers / read_peers / write_peers on the MPI
-// transport): every rank reads strided regions of every rank's memory (itself included) into strided
-// local memory, or writes strided local memory into strided regions of every rank's memory, and
-// checks every byte against a formula of (owner rank, byte offset); the capability is the same on
-// every rank and can be switched off; malformed accesses fail on the rank that made them only,
-// before anything is copied, and leave the communicator usable.
+// transport): every rank reads strided regions of every rank's memory (itself included) into
+// strided local memory, or writes strided local memory into strided regions of every rank's
+// memory, and checks every byte against a formula of (owner rank, byte offset); the capability is
+// the same on every rank and can be switched off; malformed accesses fail on the rank that made them
+// only, before anything is copied, and leave the communicator usable.
 //
 // read_peers and write_peers are not collective: the tests synchronize on MPI_COMM_WORLD (an
 // all-gather of buffer addresses before the accesses, a barrier after them) so that the memory
@@ -371,8 +371,8 @@ struct WriteFixture : Fixture {
   // The slot as a vector, to check with expect_read (the writer's bytes, at c.to's places).
   std::vector<std::uint8_t> slot(int writer, std::size_t s) const {
     const std::size_t at = slot_offset(writer, s);
-    return std::vector<std::uint8_t>(landing.begin() + static_cast<std::ptrdiff_t>(at),
-                                     landing.begin() + static_cast<std::ptrdiff_t>(at + kDestBytes));
+    const auto first = landing.begin() + static_cast<std::ptrdiff_t>(at);
+    return std::vector<std::uint8_t>(first, first + kDestBytes);
   }
 };
 
@@ -453,7 +453,8 @@ TEST(PeerWrite, MalformedWritesFailLocallyAndLeaveTheCommunicatorUsable) {
       for (std::uint8_t x : f.landing) ASSERT_EQ(x, kUntouched) << "a malformed call wrote data";
     }
     const PeerWrite unmapped{0, region(s, 1, 0, 1, 0, 8), region(8, 1, 0, 1, 0, 8)};
-    const Outcome o = capture([&] { f.comm->write_peers(std::span<const PeerWrite>(&unmapped, 1)); });
+    const Outcome o =
+        capture([&] { f.comm->write_peers(std::span<const PeerWrite>(&unmapped, 1)); });
     EXPECT_EQ(o.code, ErrorCode::comm_failure) << o.str();
     EXPECT_NE(o.message.find("rank " + std::to_string(me)), std::string::npos) << o.message;
     EXPECT_NE(o.message.find("peer 0"), std::string::npos) << o.message;

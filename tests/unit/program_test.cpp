@@ -19,8 +19,6 @@
 
 namespace {
 
-using uaa::detail::compile_allgather_kv_forward;
-using uaa::detail::compile_padded_forward;
 using uaa::detail::compile_uaa_forward;
 using uaa::detail::ComputeStep;
 using uaa::detail::Geometry;
@@ -108,6 +106,29 @@ TEST(Program, HandPickedGeometries) {
     EXPECT_TRUE(p.empty()) << p;
   }
   EXPECT_EQ(g_round_trips_skipped, 0);
+}
+
+// More ranks than heads and than tokens: most ranks compute rows of one head, some hold nothing.
+TEST(Program, SixtyFourRanksTinyShards) {
+  Geometry g = geom({}, {}, 24, 8, 3, 2, true, true);
+  for (int r = 0; r < 64; ++r) {
+    g.q_lens.push_back(r % 4);
+    g.kv_lens.push_back((r * 7) % 5);
+  }
+  g_round_trips_skipped = 0;
+  const std::string p = check_all(g);
+  EXPECT_TRUE(p.empty()) << p;
+  EXPECT_EQ(g_round_trips_skipped, 0);
+}
+
+// Programs are pure functions of the geometry and the rank.
+TEST(Program, CompilingTwiceGivesTheSameProgram) {
+  const Geometry g = geom({50, 3, 97, 0}, {60, 0, 41, 7}, 6, 3, 4, 2, true, true);
+  for (Gen k : {Gen::uaa, Gen::padded, Gen::allgather}) {
+    const std::vector<Program> a = compile_all(g, k), b = compile_all(g, k);
+    for (std::size_t r = 0; r < a.size(); ++r)
+      EXPECT_EQ(uaa::detail::describe(a[r]), uaa::detail::describe(b[r])) << uaa::test::gen_name(k) << " rank " << r;
+  }
 }
 
 TEST(Program, AwkwardLengthsHeadsAndWorlds) {

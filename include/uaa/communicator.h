@@ -1,9 +1,10 @@
 // uaa/communicator.h — the transport interface that algorithm code talks to.
 //
-// Two jobs: small host-side collectives (an all-gather for plans; the agreement of every call lives
-// in the transport's control plane, src/comm/control_plane.h) and the bulk exchange of messages. Counts and displacements are 64-bit byte counts; an implementation must move
-// messages of any size, including past 2^31 elements. Implementations: uaa/mpi.h (MPI). Algorithm
-// code never names a transport.
+// Two jobs: small host-side collectives (an all-gather for plans; the agreement that opens every
+// call lives in the transport's internal control plane) and the bulk exchange of messages. Counts
+// and displacements are 64-bit byte counts; an implementation must move messages of any size,
+// including past 2^31 elements. Implementations: uaa/mpi.h (MPI). Algorithm code never names a
+// transport.
 //
 // Thread safety: a communicator serves one collective at a time; calls on one communicator from
 // several threads must be serialized by the caller (as with MPI communicators).

@@ -34,17 +34,45 @@ Shape:
 Run:
   --iters N            timed forward() calls (default 1; with N > 1 one untimed warm-up call first)
   --seed S             data seed (default 1)
-  --check              compare with a single-rank run (bitwise) and a float64 reference; exit
-                       status 1 if the outputs are not bitwise equal
+  --check              compare with a single-rank run (bitwise) and a float64 reference (rank 0);
+                       exit status 1 if the outputs are not bitwise equal, if an output value is
+                       NaN/Inf where the reference is finite, or if the inputs hold NaN/Inf.
+                       The other ranks wait under the deadline: rank 0 works in slices of about
+                       0.5 s between agreements, but its single-rank forward() is one piece
   --load DIR           read DIR/q.npy [Sq,Hq,D], DIR/k.npy and DIR/v.npy [Skv,Hkv,D] (float32)
-  --save DIR           write DIR/q.npy, k.npy, v.npy (inputs as float32) and DIR/out.npy
+  --save DIR           write DIR/q.npy, k.npy, v.npy (the inputs the kernel saw, as float32: bf16
+                       values rounded) and DIR/out.npy, on rank 0. All files or none: each is
+                       written to a temporary name and renamed only when all are complete; DIR
+                       is checked (created, writable) before the run. When DIR is the --load
+                       directory only out.npy is written: the inputs are never overwritten
   --json               print one JSON object on one line (rank 0, stdout)
   --help               this text
 
+Every rank must be given the same options: the ranks agree on them first, and a rank whose
+arguments are wrong or differ from rank 0's stops every rank with one error naming it.
+
 Timings: per phase, the median over the timed calls on each rank, then the maximum over ranks
-("handshake" is the call's agreement). The report also names the kernel and the data path of the
-calls: data_path peer_memory (single-copy reads/writes of the peers' memory) or messages.
-Errors print "uaa run: rank R: <message>" on stderr and exit with status 2.
+("handshake" is the call's agreement). The report names every rank's kernel and the data path of
+the calls: data_path peer_memory (single-copy reads/writes of the peers' memory) or messages.
+
+Memory: before allocating, every rank compares what it needs (its tensors, the plan's staging,
+pack/unpack buffers, and on rank 0 the --check/--save buffers) with what it may use: the cgroup
+limit minus usage (v2 memory.max, v1 memory.limit_in_bytes) or /proc/meminfo MemAvailable, shared
+by the job's ranks on the node. If a rank lacks memory, every rank stops with one error naming it.
+
+Errors: an error every rank shares (bad or different arguments, a file, memory, the library's
+checks) is printed once, by rank 0, naming the failing rank ("uaa run: rank R: <message>" for the
+command's own checks), exit status 2. A deadline that passes (a rank stopped or gone;
+UAA_TIMEOUT_SECONDS, default 300) or a transport failure is printed by the rank that sees it
+("uaa run: rank R: ...") and ends the whole job with MPI_Abort (status 2).
+
+Environment (per rank):
+  UAA_TIMEOUT_SECONDS          deadline of every wait, in seconds (see uaa/mpi.h)
+  UAA_TOOL_PROGRESS_SECONDS    rank 0 prints a progress line on stderr at most this often during
+                               long runs (default 10; 0: never)
+  UAA_TOOL_MEMORY_LIMIT_BYTES  the memory this rank may use, replacing the detection (for tests;
+                               bytes or a K/M/G/T suffix)
+  UAA_TOOL_SAVE_FAULT          write:NAME or rename:NAME makes --save fail there (for tests)
 )";
 }
 
@@ -81,6 +109,60 @@ std::vector<std::int64_t> even_split(std::int64_t total, int ranks) {
   std::vector<std::int64_t> lens(static_cast<std::size_t>(ranks), total / ranks);
   for (std::int64_t r = 0; r < total % ranks; ++r) ++lens[static_cast<std::size_t>(r)];
   return lens;
+}
+
+std::vector<OptionValue> canonical_options(const RunOptions& o) {
+  std::vector<OptionValue> out;
+  auto list = [](const std::vector<std::int64_t>& v) {
+    std::string t;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (i) t += ',';
+      t += std::to_string(v[i]);
+    }
+    return t;
+  };
+  auto valued = [&](const char* name, bool given, std::string value) {
+    out.push_back({name, false, given, given ? std::move(value) : std::string()});
+  };
+  auto flag = [&](const char* name, bool given) { out.push_back({name, true, given, {}}); };
+  valued("--lens", o.lens.has_value(), o.lens ? list(*o.lens) : "");
+  valued("--seq", o.seq.has_value(), o.seq ? std::to_string(*o.seq) : "");
+  valued("--kv-lens", o.kv_lens.has_value(), o.kv_lens ? list(*o.kv_lens) : "");
+  valued("--kv-seq", o.kv_seq.has_value(), o.kv_seq ? std::to_string(*o.kv_seq) : "");
+  valued("--heads", o.heads.has_value(), o.heads ? std::to_string(*o.heads) : "");
+  valued("--kv-heads", o.kv_heads.has_value(), o.kv_heads ? std::to_string(*o.kv_heads) : "");
+  valued("--head-dim", o.head_dim.has_value(), o.head_dim ? std::to_string(*o.head_dim) : "");
+  valued("--dtype", true, dtype_name(o.dtype));
+  flag("--causal", o.causal);
+  valued("--strategy", true, strategy_name(o.strategy));
+  valued("--iters", true, std::to_string(o.iters));
+  valued("--seed", true, std::to_string(o.seed));
+  flag("--check", o.check);
+  valued("--load", !o.load_dir.empty(), o.load_dir);
+  valued("--save", !o.save_dir.empty(), o.save_dir);
+  flag("--json", o.json);
+  flag("--help", o.help);
+  return out;
+}
+
+std::uint64_t options_digest(const RunOptions& o) {
+  std::uint64_t h = 1469598103934665603ull;
+  auto add = [&](const std::string& s) {
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  };
+  for (const OptionValue& v : canonical_options(o)) {
+    add(v.name);
+    add(v.given ? "=" : "!");
+    add(v.value);
+    add("\n");
+  }
+  return h;
+}
+
+std::string describe_option(int rank, const OptionValue& v) {
+  if (!v.given) return cat("rank ", rank, " does not give it");
+  if (v.flag) return cat("rank ", rank, " gives it");
+  return cat("rank ", rank, " has ", v.value);
 }
 
 RunOptions parse_run_args(std::span<const char* const> args) {

@@ -1,4 +1,6 @@
-// Command-line parsing for `uaa run` (no MPI here: every rank parses the same argv the same way).
+// Command-line parsing for `uaa run` (no MPI here). Every rank parses its own argv; the command then
+// agrees on the result (options_digest, canonical_options) so that ranks given different arguments
+// stop with one error instead of waiting for each other.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +15,7 @@
 
 namespace uaa::cli {
 
-// A usage error: the same on every rank, since every rank parses the same argv.
+// A usage error of this rank's arguments (the command carries it to every rank).
 class ArgError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -36,6 +38,21 @@ struct RunOptions {
 
 // Parses the arguments that follow `run`. Throws ArgError.
 RunOptions parse_run_args(std::span<const char* const> args);
+
+// Every option in a fixed order with its effective value, for agreeing across ranks and naming
+// the first difference. Options with defaults (--dtype, --strategy, --iters, --seed) always hold
+// their value; unset ones have given = false; flags have given = the flag.
+struct OptionValue {
+  std::string name;   // "--iters"
+  bool flag = false;  // --causal, --check, --json, --help
+  bool given = false;
+  std::string value;  // canonical text ("1,2,3", "f32"); empty for flags and unset options
+};
+std::vector<OptionValue> canonical_options(const RunOptions& o);
+// A 64-bit digest of canonical_options (FNV-1a of "name=value" lines).
+std::uint64_t options_digest(const RunOptions& o);
+// "rank 1 has 2", "rank 1 gives it", "rank 1 does not give it".
+std::string describe_option(int rank, const OptionValue& v);
 
 // The usage text of `uaa run`.
 const char* run_usage();

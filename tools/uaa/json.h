@@ -33,6 +33,14 @@ class JsonWriter {
     }
     return raw(key, s + "]");
   }
+  JsonWriter& field(const std::string& key, const std::vector<std::string>& v) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (i) s += ", ";
+      s += quote(v[i]);
+    }
+    return raw(key, s + "]");
+  }
   JsonWriter& begin_object(const std::string& key) {
     raw(key, "{");
     first_ = true;

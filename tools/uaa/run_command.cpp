@@ -1,33 +1,43 @@
 // `uaa run`: builds a plan for the given layout, runs forward() over MPI_COMM_WORLD, reports phase
-// timings, the kernel and the data path (peer memory or messages, from uaa::last_call) and, with
-// --check, compares against a single-rank run (bitwise) and a float64 reference.
+// timings, every rank's kernel and the data path (peer memory or messages, from uaa::last_call)
+// and, with --check, compares against a single-rank run (bitwise) and a float64 reference.
 //
-// Failure handling: every step that can fail on some ranks only (reading files, allocating, the
-// rank-0 work of --check/--save) runs inside local_step(), which ends with an agreement among all
-// ranks, so all ranks either continue or stop with the same message: nothing hangs, nothing aborts.
-// Library collectives (Plan::create, forward) already raise the same uaa::Error on every rank.
+// Failure handling (docs/FAILURE_MODEL.md, section 9):
+//  - Every rank parses its own argv; the ranks then agree on a digest of the options (control.h),
+//    and name the first option they disagree on. Nothing of the command waits without a deadline:
+//    its only collectives are the library's agreements, all-gathers and exchanges.
+//  - Every step that can fail on some ranks only (reading files, the memory check, allocations,
+//    the rank-0 work of --check/--save) ends with an agreement, so all ranks stop together with
+//    the failing rank's message, printed once by rank 0. A timeout or transport failure is printed
+//    by the rank that has it and aborts the job (MPI_Abort).
+//  - Before allocating, every rank compares the memory it needs with what it may use (memory.h).
+//  - --save writes all files or none (save.h).
 #include <mpi.h>
 
 #include <algorithm>
 #include <chrono>
-#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <ctime>
-#include <time.h>
+#include <deque>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "args.h"
 #include "commands.h"
+#include "control.h"
 #include "data.h"
 #include "json.h"
 #include "kernels/kernel.h"
+#include "memory.h"
 #include "npy.h"
+#include "progress.h"
+#include "save.h"
 #include "text.h"
 #include "uaa/mpi.h"
 #include "uaa/uaa.h"
@@ -41,13 +51,6 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-// An error every rank knows about, with the same message. `origin` is the rank it came from, or -1
-// when every rank raised it (library collectives).
-struct AgreedError {
-  int origin;
-  std::string message;
-};
-
 std::string list_text(const std::vector<std::int64_t>& v) {
   std::string s = "[";
   for (std::size_t i = 0; i < v.size(); ++i) {
@@ -55,76 +58,6 @@ std::string list_text(const std::vector<std::int64_t>& v) {
     s += std::to_string(v[i]);
   }
   return s + "]";
-}
-
-// Waits for every rank without spinning a core (ranks idle while rank 0 runs the --check
-// reference, and cores are often oversubscribed).
-void polite_barrier(MPI_Comm comm) {
-  MPI_Request req;
-  MPI_Ibarrier(comm, &req);
-  int done = 0;
-  long sleep_us = 50;
-  while (true) {
-    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-    if (done) return;
-    timespec ts{0, sleep_us * 1000};
-    nanosleep(&ts, nullptr);
-    sleep_us = std::min(sleep_us * 2, 2000L);
-  }
-}
-
-// All ranks call this with their local verdict ("" = ok). If any rank failed, every rank throws
-// AgreedError with the message of the lowest failing rank.
-void agree(MPI_Comm comm, const std::string& local_error) {
-  int rank = 0;
-  MPI_Comm_rank(comm, &rank);
-  polite_barrier(comm);
-  int mine[2] = {local_error.empty() ? INT_MAX : rank, local_error.empty() ? 0 : 1};
-  int first = INT_MAX, failed = 0;
-  MPI_Allreduce(&mine[0], &first, 1, MPI_INT, MPI_MIN, comm);
-  if (first == INT_MAX) return;
-  MPI_Allreduce(&mine[1], &failed, 1, MPI_INT, MPI_SUM, comm);
-  // Do the failing ranks all report the same message? (min and max of a hash over them)
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : local_error) h = (h ^ c) * 1099511628211ull;
-  std::uint64_t lo_in = local_error.empty() ? UINT64_MAX : h, hi_in = local_error.empty() ? 0 : h;
-  std::uint64_t lo = 0, hi = 0;
-  MPI_Allreduce(&lo_in, &lo, 1, MPI_UINT64_T, MPI_MIN, comm);
-  MPI_Allreduce(&hi_in, &hi, 1, MPI_UINT64_T, MPI_MAX, comm);
-  std::string msg = rank == first ? local_error : std::string();
-  int len = static_cast<int>(std::min<std::size_t>(msg.size(), 4096));
-  MPI_Bcast(&len, 1, MPI_INT, first, comm);
-  msg.resize(static_cast<std::size_t>(len));
-  MPI_Bcast(msg.data(), len, MPI_CHAR, first, comm);
-  if (failed > 1 && lo != hi) msg += cat(" (and ", failed - 1, " more rank(s) failed differently)");
-  throw AgreedError{first, msg};
-}
-
-// Runs rank-local work `f` on every rank, then agrees on the outcome.
-template <typename F>
-void local_step(MPI_Comm comm, F&& f) {
-  std::string error;
-  try {
-    f();
-  } catch (const std::bad_alloc&) {
-    error = "out of memory";
-  } catch (const std::exception& e) {
-    error = e.what();
-    if (error.empty()) error = "unknown error";
-  } catch (...) {
-    error = "unknown error";
-  }
-  agree(comm, error);
-}
-
-// Runs a library collective; its uaa::Error is the same on every rank.
-template <typename F>
-auto collective(F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const Error& e) {
-    throw AgreedError{-1, e.what()};
-  }
 }
 
 std::int64_t mul(std::int64_t a, std::int64_t b, const char* what) {
@@ -154,30 +87,15 @@ struct HostTensor {
       : dtype(dt), tokens(t), heads(h), dim(d) {
     storage.resize(static_cast<std::size_t>((bytes() + 3) / 4));
   }
+  std::int64_t row_elements() const { return heads * dim; }
   std::int64_t elements() const { return tokens * heads * dim; }
   std::int64_t bytes() const { return elements() * static_cast<std::int64_t>(dtype_size(dtype)); }
+  std::int64_t row_bytes() const { return row_elements() * static_cast<std::int64_t>(dtype_size(dtype)); }
   void* data() { return storage.data(); }
   const void* data() const { return storage.data(); }
   ConstTensor view() const { return contiguous(data(), tokens, heads, dim, dtype); }
   Tensor view() { return contiguous(data(), tokens, heads, dim, dtype); }
-
-  // Stores f32 values in this tensor's dtype (bf16: round to nearest even).
-  void assign(const std::vector<float>& values) {
-    if (dtype == DType::f32) {
-      std::copy(values.begin(), values.end(), storage.begin());
-    } else {
-      auto* p = static_cast<std::uint16_t*>(data());
-      for (std::size_t i = 0; i < values.size(); ++i) p[i] = uaa::bf16_from_f32(values[i]);
-    }
-  }
-  // The stored values as f32 (exact for both dtypes).
-  std::vector<float> to_f32() const {
-    if (dtype == DType::f32) return {storage.begin(), storage.begin() + elements()};
-    std::vector<float> out(static_cast<std::size_t>(elements()));
-    const auto* p = static_cast<const std::uint16_t*>(data());
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = uaa::f32_from_bf16(p[i]);
-    return out;
-  }
+  const float* f32() const { return dtype == DType::f32 ? storage.data() : nullptr; }
 };
 
 // The resolved run: shape, lengths and where the data comes from.
@@ -188,6 +106,9 @@ struct Setup {
   bool from_files = false;
   std::string paths[3];
   npy::Header headers[3];
+  // --save (decided on rank 0): the files written; only out.npy when --save is the --load dir.
+  std::vector<std::string> save_names;
+  bool save_outputs_only = false;
 };
 
 Setup resolve(const RunOptions& o, int ranks) {
@@ -261,29 +182,55 @@ Setup resolve(const RunOptions& o, int ranks) {
     throw ArgError(cat("the key/value lengths sum to ", s.kv_total, " but ", s.paths[1], " has ",
                        file_kv, " tokens"));
 
-  // Every buffer size must fit; the gather to rank 0 counts rows of one token in an int.
-  const std::int64_t es = static_cast<std::int64_t>(dtype_size(o.dtype));
-  const std::int64_t q_row = mul(mul(s.heads, s.head_dim, "heads * head_dim"), 4, "a token row");
-  const std::int64_t kv_row = mul(mul(s.kv_heads, s.head_dim, "kv_heads * head_dim"), 4, "a token row");
+  // Every buffer size must fit in 64 bits (in bytes, the widest element being 8 for --check).
+  const std::int64_t q_row = mul(mul(s.heads, s.head_dim, "heads * head_dim"), 8, "a token row");
+  const std::int64_t kv_row = mul(mul(s.kv_heads, s.head_dim, "kv_heads * head_dim"), 8, "a token row");
   mul(s.q_total, q_row, "the query tensor size");
   mul(s.kv_total, kv_row, "the key/value tensor size");
-  if ((o.check || !o.save_dir.empty()) &&
-      (s.q_total > INT_MAX || s.kv_total > INT_MAX || q_row / 4 * es > INT_MAX))
-    throw ArgError("--check and --save gather whole tensors on rank 0 and support at most " +
-                   std::to_string(INT_MAX) + " tokens and rows of at most that many bytes");
   return s;
 }
 
-// Fills tokens [first, first + n) of tensor t (kQ, kK, kV) as f32.
-std::vector<float> input_rows(const Setup& s, const RunOptions& o, int t, std::int64_t first,
-                              std::int64_t n) {
-  const std::int64_t heads = t == kQ ? s.heads : s.kv_heads;
-  std::vector<float> out(static_cast<std::size_t>(n * heads * s.head_dim));
-  if (s.from_files)
-    npy::read_rows(s.paths[t], s.headers[t], first, n, out.data());
-  else
-    generate(o.seed, t, first, n, heads, s.head_dim, out.data());
-  return out;
+// rank 0: checks the --save directory before anything runs, and decides what to write.
+void prepare_save(const RunOptions& o, Setup& s) {
+  if (o.save_dir.empty()) return;
+  std::error_code ec;
+  std::filesystem::create_directories(o.save_dir, ec);  // errors: prepare_dir says
+  s.save_outputs_only =
+      !o.load_dir.empty() && std::filesystem::equivalent(o.load_dir, o.save_dir, ec) && !ec;
+  s.save_names = s.save_outputs_only ? std::vector<std::string>{"out.npy"}
+                                     : std::vector<std::string>{"q.npy", "k.npy", "v.npy", "out.npy"};
+  AtomicSave::prepare_dir(o.save_dir, s.save_names);
+}
+
+// Fills rows [at, at + n) of `dst` with tokens [first, first + n) of tensor t (kQ, kK, kV), and the
+// same values as float32 (bf16-rounded for bf16) into f32_copy + at * row, when given.
+void fill_rows(const Setup& s, const RunOptions& o, int t, std::int64_t first, std::int64_t n,
+               HostTensor& dst, std::int64_t at, float* f32_copy) {
+  const std::int64_t row = dst.row_elements();
+  auto produce = [&](std::int64_t tok, std::int64_t count, float* out) {
+    if (s.from_files)
+      npy::read_rows(s.paths[t], s.headers[t], tok, count, out);
+    else
+      generate(o.seed, t, tok, count, dst.heads, dst.dim, out);
+  };
+  if (dst.dtype == DType::f32) {
+    produce(first, n, dst.storage.data() + at * row);
+    return;
+  }
+  // bf16: through a bounded f32 buffer.
+  const std::int64_t chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 20) / std::max<std::int64_t>(row, 1));
+  std::vector<float> buf;
+  auto* p = static_cast<std::uint16_t*>(dst.data());
+  for (std::int64_t a = 0; a < n; a += chunk) {
+    const std::int64_t c = std::min(chunk, n - a);
+    buf.resize(static_cast<std::size_t>(c * row));
+    produce(first + a, c, buf.data());
+    const std::int64_t base = (at + a) * row;
+    for (std::int64_t i = 0; i < c * row; ++i) {
+      p[base + i] = bf16_from_f32(buf[static_cast<std::size_t>(i)]);
+      if (f32_copy) f32_copy[base + i] = f32_from_bf16(p[base + i]);
+    }
+  }
 }
 
 std::int64_t first_token(const std::vector<std::int64_t>& lens, int rank) {
@@ -302,67 +249,341 @@ constexpr int kPhases = 8;
 constexpr const char* kPhaseNames[kPhases] = {"plan",         "handshake", "pack",   "exchange_qkv",
                                               "attention",    "exchange_out", "unpack", "total"};
 
+// What every rank reports to the others at the end (one all-gather).
+struct RankRecord {
+  double ms[kPhases];
+  std::int64_t bytes_sent;
+  std::int32_t peer_memory;
+  char kernel[52];
+};
+static_assert(sizeof(RankRecord) == 128);
+
+// Vote flags of the rank-0 work of --check/--save (only rank 0 sets them).
+constexpr std::uint16_t kMoreWork = 1;
+constexpr std::uint16_t kNotBitwise = 2;
+constexpr std::uint16_t kNonFiniteOutput = 4;
+constexpr std::uint16_t kNonFiniteInput = 8;
+constexpr std::uint16_t kCheckFailed = kNotBitwise | kNonFiniteOutput | kNonFiniteInput;
+
+// Rank 0 runs its --check/--save work in slices of about this long, agreeing with the others in
+// between, so that nobody waits on it for longer than a slice (the deadline holds).
+constexpr double kSliceSeconds = 0.5;
+// Elements per piece of the rank-0 work (filling, writing).
+constexpr std::int64_t kPieceElements = std::int64_t{1} << 22;
+// Bytes of float64 reference rows computed at once.
+constexpr std::int64_t kReferenceBytes = std::int64_t{64} << 20;
+
 struct CheckResult {
-  double max_abs_err = 0;
   bool bitwise_equal = false;
+  double max_abs_err = 0;           // over the elements finite in both the output and the reference
+  std::int64_t compared = 0;        // those elements
+  std::int64_t nonfinite_outputs = 0;  // output NaN/Inf where the reference is finite
+  std::string first_nonfinite_output;  // "token 3, head 0, dim 5: nan (reference 0.25)"
+  std::int64_t nonfinite_inputs = 0;
+  std::string first_nonfinite_input;   // "q token 0, head 0, dim 5: nan"
+  bool passed() const { return bitwise_equal && nonfinite_outputs == 0 && nonfinite_inputs == 0; }
 };
 
-// Rank 0 only: the whole inputs, optional save, the single-rank run and the float64 reference.
-CheckResult rank0_work(const RunOptions& o, const Setup& s, const AttentionShape& shape,
-                       const HostTensor& out_gathered) {
-  CheckResult result;
-  HostTensor q(o.dtype, s.q_total, s.heads, s.head_dim);
-  HostTensor k(o.dtype, s.kv_total, s.kv_heads, s.head_dim);
-  HostTensor v(o.dtype, s.kv_total, s.kv_heads, s.head_dim);
-  q.assign(input_rows(s, o, kQ, 0, s.q_total));
-  k.assign(input_rows(s, o, kK, 0, s.kv_total));
-  v.assign(input_rows(s, o, kV, 0, s.kv_total));
-  // f32 copies of exactly what the kernel sees (bf16-rounded for bf16).
-  const std::vector<float> qf = q.to_f32(), kf = k.to_f32(), vf = v.to_f32();
-  const std::vector<float> of = out_gathered.to_f32();
+std::string position(std::int64_t index, std::int64_t heads, std::int64_t dim) {
+  const std::int64_t row = heads * dim;
+  return cat("token ", index / row, ", head ", (index % row) / dim, ", dim ", index % dim);
+}
 
-  if (!o.save_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::create_directories(o.save_dir, ec);
-    if (ec) throw Error(ErrorCode::invalid_argument, "--save: cannot create " + o.save_dir + ": " + ec.message());
-    auto path = [&](const char* name) { return (std::filesystem::path(o.save_dir) / name).string(); };
-    const std::int64_t qs[3] = {s.q_total, s.heads, s.head_dim};
-    const std::int64_t ks[3] = {s.kv_total, s.kv_heads, s.head_dim};
-    npy::write(path("q.npy"), qs, qf.data());
-    npy::write(path("k.npy"), ks, kf.data());
-    npy::write(path("v.npy"), ks, vf.data());
-    npy::write(path("out.npy"), qs, of.data());
-  }
+std::string float_text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
 
-  if (o.check) {
-    // The same kernel on one rank holding the whole sequence.
-    std::shared_ptr<Communicator> self = make_mpi_communicator(MPI_COMM_SELF);
-    const Plan plan = Plan::create(*self, shape, s.q_total, s.kv_total);
-    HostTensor single(o.dtype, s.q_total, s.heads, s.head_dim);
-    AttentionArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.out = single.view();
-    Workspace ws;
-    forward(plan, a, ws);
-    result.bitwise_equal =
-        single.bytes() == 0 ||
-        std::memcmp(single.data(), out_gathered.data(), static_cast<std::size_t>(single.bytes())) == 0;
-
-    std::vector<double> ref(static_cast<std::size_t>(s.q_total * s.heads * s.head_dim));
-    detail::reference_attention(qf.data(), kf.data(), vf.data(), s.q_total, s.kv_total, s.heads,
-                                s.kv_heads, s.head_dim, plan.shape().scale, shape.causal,
-                                ref.data(), nullptr);
-    double err = 0;
-    for (std::size_t i = 0; i < ref.size(); ++i) {
-      const double d = std::fabs(static_cast<double>(of[i]) - ref[i]);
-      if (!(d <= err)) err = d;  // NaN propagates
-      if (std::isnan(err)) break;
+// A queue of bounded pieces of rank-local work, run in slices of about kSliceSeconds between
+// agreements (run_sliced), so that no rank waits on another for longer than a slice: the deadline
+// holds however long the whole work takes.
+class Tasks {
+ public:
+  void add(std::string what, std::function<void()> f) { q_.emplace_back(std::move(what), std::move(f)); }
+  bool done() const { return q_.empty(); }
+  // Runs tasks for about kSliceSeconds (at least one).
+  void run_slice(Progress& progress) {
+    const auto t0 = Clock::now();
+    while (!q_.empty()) {
+      progress.set(q_.front().first);
+      q_.front().second();
+      q_.pop_front();
+      if (std::chrono::duration<double>(Clock::now() - t0).count() > kSliceSeconds) break;
     }
-    result.max_abs_err = err;
   }
-  return result;
+
+ private:
+  std::deque<std::pair<std::string, std::function<void()>>> q_;
+};
+
+// Runs every rank's tasks, one agreement per slice, until no rank has any left. A task that throws
+// stops every rank with its error. Returns the OR over ranks of `final_flags()` (called once a
+// rank's tasks are done).
+std::uint16_t run_sliced(ToolControl& ctl, const char* step, Tasks& tasks, Progress& progress,
+                         const std::function<std::uint16_t()>& final_flags) {
+  for (;;) {
+    std::uint16_t flags = 0;
+    const detail::Verdict v = ctl.local_step(step, [&] {
+      tasks.run_slice(progress);
+      flags = tasks.done() ? final_flags() : kMoreWork;
+    }, &flags);
+    if (!(v.flags & kMoreWork)) return v.flags;
+  }
+}
+
+// Whether rank 0 builds the whole inputs: for --check, and for --save unless only out.npy is saved.
+bool rank0_needs_inputs(const RunOptions& o, const Setup& s) {
+  return o.check || (!o.save_dir.empty() && !s.save_outputs_only);
+}
+
+// Rank 0's part of --check/--save, as a queue of bounded tasks.
+class Rank0Work {
+ public:
+  Rank0Work(const RunOptions& o, const Setup& s, const AttentionShape& shape, HostTensor& gathered,
+            std::optional<Plan>& single)
+      : o_(o), s_(s), shape_(shape), gathered_(gathered), single_plan_(single) {
+    const bool bf16 = o.dtype == DType::bf16;
+    const bool need_inputs = rank0_needs_inputs(o, s);
+    add("allocating the whole inputs", [this, bf16, need_inputs] {
+      if (need_inputs) {
+        q_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
+        k_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
+        v_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
+      }
+      if (bf16) {
+        qf_.resize(static_cast<std::size_t>(q_.elements()));
+        kf_.resize(static_cast<std::size_t>(k_.elements()));
+        vf_.resize(static_cast<std::size_t>(v_.elements()));
+        of_.resize(static_cast<std::size_t>(gathered_.elements()));
+      }
+    });
+    const std::pair<HostTensor*, std::vector<float>*> inputs[3] = {{&q_, &qf_}, {&k_, &kf_}, {&v_, &vf_}};
+    const char* names[3] = {"q", "k", "v"};
+    for (int t = 0; t < 3 && need_inputs; ++t) {
+      const std::int64_t tokens = t == kQ ? s.q_total : s.kv_total;
+      const std::int64_t row = (t == kQ ? s.heads : s.kv_heads) * s.head_dim;
+      const std::int64_t step = std::max<std::int64_t>(1, kPieceElements / std::max<std::int64_t>(row, 1));
+      for (std::int64_t a = 0; a < tokens; a += step) {
+        const std::int64_t n = std::min(step, tokens - a);
+        add(cat("preparing the whole ", names[t], " (tokens ", a, "-", a + n, " of ", tokens, ")"),
+            [this, t, a, n, bf16, inputs] {
+              fill_rows(s_, o_, t, a, n, *inputs[t].first, a, bf16 ? inputs[t].second->data() : nullptr);
+            });
+      }
+    }
+    if (bf16) {
+      add("converting the output to float32", [this] {
+        const auto* p = static_cast<const std::uint16_t*>(gathered_.data());
+        for (std::size_t i = 0; i < of_.size(); ++i) of_[i] = f32_from_bf16(p[i]);
+      });
+    }
+    if (!o.save_dir.empty()) add_save();
+    if (o.check) add_check();
+  }
+
+  Tasks& tasks() { return tasks_; }
+
+  const CheckResult& result() const { return result_; }
+  std::uint16_t result_flags() const {
+    std::uint16_t f = 0;
+    if (!o_.check) return f;
+    if (!result_.bitwise_equal) f |= kNotBitwise;
+    if (result_.nonfinite_outputs) f |= kNonFiniteOutput;
+    if (result_.nonfinite_inputs) f |= kNonFiniteInput;
+    return f;
+  }
+
+ private:
+  void add(std::string what, std::function<void()> f) { tasks_.add(std::move(what), std::move(f)); }
+
+  const float* qf() const { return q_.f32() ? q_.f32() : qf_.data(); }
+  const float* kf() const { return k_.f32() ? k_.f32() : kf_.data(); }
+  const float* vf() const { return v_.f32() ? v_.f32() : vf_.data(); }
+  const float* of() const { return gathered_.f32() ? gathered_.f32() : of_.data(); }
+
+  void add_save() {
+    saver_ = std::make_unique<AtomicSave>(o_.save_dir);
+    const std::int64_t qs[3] = {s_.q_total, s_.heads, s_.head_dim};
+    const std::int64_t ks[3] = {s_.kv_total, s_.kv_heads, s_.head_dim};
+    for (const std::string& name : s_.save_names) {
+      const bool is_q_shape = name == "q.npy" || name == "out.npy";
+      const std::int64_t* shape = is_q_shape ? qs : ks;
+      const std::int64_t total = shape[0] * shape[1] * shape[2];
+      auto data = [this, name]() -> const float* {
+        if (name == "q.npy") return qf();
+        if (name == "k.npy") return kf();
+        if (name == "v.npy") return vf();
+        return of();
+      };
+      auto index = std::make_shared<int>(-1);
+      add(cat("--save: writing ", name), [this, name, index, qs, ks, is_q_shape] {
+        *index = saver_->open(name, std::span<const std::int64_t>(is_q_shape ? qs : ks, 3));
+      });
+      for (std::int64_t a = 0; a < total; a += kPieceElements) {
+        const std::int64_t n = std::min(kPieceElements, total - a);
+        add(cat("--save: writing ", name, " (", a, "-", a + n, " of ", total, " values)"),
+            [this, index, data, a, n] { saver_->write(*index, data() + a, n); });
+      }
+    }
+    add("--save: renaming the files", [this] { saver_->commit(); });
+  }
+
+  void add_check() {
+    add("--check: checking that the inputs are finite", [this] {
+      const std::pair<const float*, std::int64_t> ts[3] = {
+          {qf(), q_.elements()}, {kf(), k_.elements()}, {vf(), v_.elements()}};
+      const char* names[3] = {"q", "k", "v"};
+      for (int t = 0; t < 3; ++t) {
+        const std::int64_t heads = t == kQ ? s_.heads : s_.kv_heads;
+        for (std::int64_t i = 0; i < ts[t].second; ++i) {
+          if (std::isfinite(ts[t].first[i])) continue;
+          if (result_.nonfinite_inputs++ == 0)
+            result_.first_nonfinite_input = cat(names[t], " ", position(i, heads, s_.head_dim), ": ",
+                                                float_text(ts[t].first[i]));
+        }
+      }
+    });
+    add("--check: the single-rank run", [this] {
+      const Plan& plan = *single_plan_;
+      single_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
+      AttentionArgs a;
+      a.q = q_.view();
+      a.k = k_.view();
+      a.v = v_.view();
+      a.out = single_.view();
+      Workspace ws;
+      forward(plan, a, ws);
+      result_.bitwise_equal =
+          single_.bytes() == 0 || std::memcmp(single_.data(), gathered_.data(),
+                                              static_cast<std::size_t>(single_.bytes())) == 0;
+      single_ = HostTensor();
+    });
+    const std::int64_t row = s_.heads * s_.head_dim;
+    // Rows per piece: at most kReferenceBytes of float64 output and about 2e8 multiply-adds.
+    const std::int64_t by_bytes = std::max<std::int64_t>(1, kReferenceBytes / std::max<std::int64_t>(row * 8, 1));
+    const std::int64_t by_work = std::max<std::int64_t>(
+        1, static_cast<std::int64_t>(2e8 / (static_cast<double>(std::max<std::int64_t>(row, 1)) *
+                                            static_cast<double>(std::max<std::int64_t>(s_.kv_total, 1)))));
+    const std::int64_t step = std::min(by_bytes, by_work);
+    for (std::int64_t a = 0; a < s_.q_total; a += step) {
+      const std::int64_t b = std::min(s_.q_total, a + step);
+      add(cat("--check: float64 reference, query rows ", a, "-", b, " of ", s_.q_total),
+          [this, a, b, row] { reference_rows(a, b, row); });
+    }
+  }
+
+  // The float64 reference of query rows [a, b), compared with the gathered output.
+  void reference_rows(std::int64_t a, std::int64_t b, std::int64_t row) {
+    // Causal masks are bottom-right aligned: rows [a, b) see the keys a call with b queries and
+    // kv_total - (q_total - b) keys would show them (none when that is <= 0).
+    std::int64_t kv = s_.kv_total;
+    if (shape_.causal) kv = std::max<std::int64_t>(0, s_.kv_total - (s_.q_total - b));
+    ref_.resize(static_cast<std::size_t>((b - a) * row));
+    detail::reference_attention(qf() + a * row, kf(), vf(), b - a, kv, s_.heads, s_.kv_heads,
+                                s_.head_dim, single_plan_->shape().scale, shape_.causal, ref_.data(),
+                                nullptr);
+    const float* out = of() + a * row;
+    for (std::int64_t i = 0; i < (b - a) * row; ++i) {
+      const double r = ref_[static_cast<std::size_t>(i)];
+      const double x = out[i];
+      if (!std::isfinite(r)) continue;
+      if (!std::isfinite(x)) {
+        if (result_.nonfinite_outputs++ == 0)
+          result_.first_nonfinite_output = cat(position(a * row + i, s_.heads, s_.head_dim), ": ",
+                                               float_text(x), " (reference ", float_text(r), ")");
+        continue;
+      }
+      result_.max_abs_err = std::max(result_.max_abs_err, std::fabs(x - r));
+      ++result_.compared;
+    }
+  }
+
+  const RunOptions& o_;
+  const Setup& s_;
+  const AttentionShape& shape_;
+  HostTensor& gathered_;
+  std::optional<Plan>& single_plan_;
+  Tasks tasks_;
+  HostTensor q_, k_, v_, single_;
+  std::vector<float> qf_, kf_, vf_, of_;  // bf16: the values as float32
+  std::vector<double> ref_;
+  std::unique_ptr<AtomicSave> saver_;
+  CheckResult result_;
+};
+
+// What this rank needs, in named parts.
+struct MemoryNeed {
+  std::vector<std::pair<std::string, std::int64_t>> parts;
+  std::int64_t total = 0;
+  void add(std::string what, std::int64_t bytes) {
+    if (bytes <= 0) return;
+    parts.emplace_back(std::move(what), bytes);
+    total = mem::sat_add(total, bytes);
+  }
+  std::string text() const {
+    std::string t;
+    for (const auto& [what, bytes] : parts) t += cat(t.empty() ? "" : ", ", what, " ", bytes);
+    return t;
+  }
+};
+
+MemoryNeed memory_need(const RunOptions& o, const Setup& s, const Plan& plan, bool peer_memory,
+                       const Plan* single) {
+  using mem::sat_add;
+  using mem::sat_product;
+  const std::int64_t es = static_cast<std::int64_t>(dtype_size(o.dtype));
+  const std::int64_t D = s.head_dim;
+  MemoryNeed n;
+  n.add("q/k/v/out",
+        sat_add(sat_product(2, plan.q_tokens(), s.heads, D, es), sat_product(2, plan.kv_tokens(), s.kv_heads, D, es)));
+  n.add("staging", plan.staging_bytes());
+  if (!peer_memory) n.add("pack/unpack", sat_add(plan.bytes_sent(), plan.bytes_received()));
+  if (single != nullptr) {  // rank 0 with --check or --save
+    const std::int64_t q_all = sat_product(s.q_total, s.heads, D);
+    const std::int64_t kv_all = sat_product(s.kv_total, s.kv_heads, D);
+    const bool inputs = rank0_needs_inputs(o, s);
+    n.add("gathered out", sat_product(q_all, es));
+    if (inputs) n.add("whole q/k/v", sat_product(sat_add(q_all, sat_product(2, kv_all)), es));
+    if (o.dtype != DType::f32)
+      n.add("float32 copies",
+            sat_product(inputs ? sat_add(sat_product(2, q_all), sat_product(2, kv_all)) : q_all, 4));
+    if (o.check) {
+      n.add("single-rank out", sat_product(q_all, es));
+      n.add("single-rank staging", sat_add(single->staging_bytes(),
+                                           sat_add(single->bytes_sent(), single->bytes_received())));
+      const std::int64_t row = sat_product(s.heads, D, 8);
+      n.add("reference rows", std::min(sat_product(s.q_total, row), std::max(row, kReferenceBytes)));
+    }
+  }
+  return n;
+}
+
+std::string ranks_text(const std::vector<int>& ranks) {
+  std::string t;
+  for (std::size_t i = 0; i < ranks.size();) {
+    std::size_t j = i;
+    while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
+    t += cat(t.empty() ? "" : ",", ranks[i]);
+    if (j > i) t += cat("-", ranks[j]);
+    i = j + 1;
+  }
+  return t;
+}
+
+// "flash_avx2 (ranks 0-3)" or "a (ranks 0,2), b (rank 1)".
+std::string kernels_text(const std::vector<std::string>& kernels) {
+  std::vector<std::string> names;
+  for (const std::string& k : kernels)
+    if (std::find(names.begin(), names.end(), k) == names.end()) names.push_back(k);
+  std::string t;
+  for (const std::string& name : names) {
+    std::vector<int> rs;
+    for (std::size_t r = 0; r < kernels.size(); ++r)
+      if (kernels[r] == name) rs.push_back(static_cast<int>(r));
+    t += cat(t.empty() ? "" : ", ", name, " (rank", rs.size() == 1 ? " " : "s ", ranks_text(rs), ")");
+  }
+  return t;
 }
 
 std::string fixed_ms(double ms) {
@@ -371,13 +592,75 @@ std::string fixed_ms(double ms) {
   return buf;
 }
 
-// The whole command on one rank. Returns the exit status; throws ArgError / AgreedError.
-int run(const RunOptions& o, int me, int P) {
-  MPI_Comm world = MPI_COMM_WORLD;
-  Setup s;
-  local_step(world, [&] { s = resolve(o, P); });
+// Start-up: every rank's own parse result and environment, agreed. A failure on any rank (its
+// message names it) becomes the same error on every rank; different options are named.
+void agree_options(ToolControl& ctl, const RunOptions& o, const std::string& local_error) {
+  const std::uint64_t digest = local_error.empty() ? options_digest(o) : 0;
+  const detail::Verdict v =
+      ctl.agree("options", local_error, ErrorCode::invalid_argument, 0, digest, false);
+  if (v.fingerprint_min == v.fingerprint_max) return;
 
-  std::shared_ptr<Communicator> comm = make_mpi_communicator(world);
+  // Which option differs: every rank's table of (hash, value text), one 64-byte slot per option.
+  struct Slot {
+    std::uint64_t hash;
+    std::uint8_t given;
+    char text[55];
+  };
+  static_assert(sizeof(Slot) == 64);
+  const std::vector<OptionValue> opts = canonical_options(o);
+  const std::size_t n = opts.size();
+  std::vector<Slot> mine(n), all(n * static_cast<std::size_t>(ctl.size()));
+  for (std::size_t i = 0; i < n; ++i) {
+    Slot& sl = mine[i];
+    std::memset(&sl, 0, sizeof sl);
+    sl.hash = fnv1a(opts[i].given ? "=" + opts[i].value : std::string("!"));
+    sl.given = opts[i].given ? 1 : 0;
+    std::string t = opts[i].value;
+    if (t.size() > sizeof sl.text - 1) t = t.substr(0, sizeof sl.text - 4) + "...";
+    std::memcpy(sl.text, t.data(), t.size());
+  }
+  collective([&] { ctl.comm().allgather(mine.data(), n * sizeof(Slot), all.data()); },
+             "options");
+  for (std::size_t i = 0; i < n; ++i) {
+    const Slot& zero = all[i];
+    for (int r = 1; r < ctl.size(); ++r) {
+      const Slot& other = all[static_cast<std::size_t>(r) * n + i];
+      if (other.hash == zero.hash) continue;
+      auto value = [&](const Slot& sl) {
+        return OptionValue{opts[i].name, opts[i].flag, sl.given != 0, std::string(sl.text)};
+      };
+      throw AgreedError{ErrorCode::mismatch,
+                        cat("ranks disagree on ", opts[i].name, ": ", describe_option(r, value(other)),
+                            ", ", describe_option(0, value(zero)),
+                            " (every rank must be given the same options)")};
+    }
+  }
+  throw AgreedError{ErrorCode::mismatch,
+                    cat("ranks were given different options (rank ", v.fingerprint_max_rank,
+                        "'s differ from another rank's; every rank must be given the same options)")};
+}
+
+// What each rank brings to the run besides its options (read before the options are agreed).
+struct Environment {
+  double progress_seconds = 10;
+  mem::Detected memory;
+};
+
+// The whole command on one rank, once the options are agreed. Returns the exit status; throws
+// AgreedError (aborts the job on a transport failure).
+int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
+  const int me = ctl.rank(), P = ctl.size();
+  Communicator& comm = ctl.comm();
+  Progress progress;
+  if (me == 0) progress.start(env.progress_seconds);
+
+  Setup s;
+  progress.set("reading the inputs' headers");
+  ctl.local_step("resolve the options", [&] {
+    s = resolve(o, P);
+    if (me == 0) prepare_save(o, s);
+  });
+
   AttentionShape shape;
   shape.q_heads = s.heads;
   shape.kv_heads = s.kv_heads;
@@ -387,27 +670,69 @@ int run(const RunOptions& o, int me, int P) {
   PlanOptions options;
   options.strategy = o.strategy;
 
-  MPI_Barrier(world);
+  progress.set("building the plan");
   const auto t_plan = Clock::now();
   const Plan plan = collective([&] {
-    return Plan::create(*comm, shape, s.lens[static_cast<std::size_t>(me)],
+    return Plan::create(comm, shape, s.lens[static_cast<std::size_t>(me)],
                         s.kv_lens[static_cast<std::size_t>(me)], options);
-  });
+  }, "Plan::create");
   const double plan_ms = ms_since(t_plan);
+  const bool peer_memory = o.strategy == Strategy::uaa && P > 1 && comm.can_read_peers();
+  const bool rank0_work = o.check || !o.save_dir.empty();
 
-  // My shards.
-  HostTensor q, k, v, out;
-  local_step(world, [&] {
-    const std::int64_t fq = first_token(s.lens, me), fkv = first_token(s.kv_lens, me);
-    const std::int64_t nq = plan.q_tokens(), nkv = plan.kv_tokens();
-    q = HostTensor(o.dtype, nq, s.heads, s.head_dim);
-    k = HostTensor(o.dtype, nkv, s.kv_heads, s.head_dim);
-    v = HostTensor(o.dtype, nkv, s.kv_heads, s.head_dim);
-    out = HostTensor(o.dtype, nq, s.heads, s.head_dim);
-    q.assign(input_rows(s, o, kQ, fq, nq));
-    k.assign(input_rows(s, o, kK, fkv, nkv));
-    v.assign(input_rows(s, o, kV, fkv, nkv));
+  // Memory: what each rank needs against what it may use, before anything large is allocated.
+  progress.set("checking memory");
+  std::uint64_t keys[2] = {fnv1a(env.memory.host),
+                           fnv1a(env.memory.cgroup ? env.memory.cgroup->dir : std::string("-"),
+                                 fnv1a(env.memory.host))};
+  std::vector<std::uint64_t> all_keys(2 * static_cast<std::size_t>(P));
+  collective([&] { comm.allgather(keys, sizeof keys, all_keys.data()); }, "check memory");
+  int node_ranks = 0, cgroup_ranks = 0;
+  for (int r = 0; r < P; ++r) {
+    node_ranks += all_keys[2 * static_cast<std::size_t>(r)] == keys[0];
+    cgroup_ranks += all_keys[2 * static_cast<std::size_t>(r) + 1] == keys[1];
+  }
+  std::optional<Plan> single;
+  std::shared_ptr<Communicator> self;
+  ctl.local_step("check memory", [&] {
+    if (me == 0 && rank0_work) {
+      self = make_mpi_communicator(MPI_COMM_SELF);
+      single = Plan::from_lengths(*self, shape, {s.q_total}, {s.kv_total}, options);
+    }
+    const MemoryNeed need = memory_need(o, s, plan, peer_memory, single ? &*single : nullptr);
+    const mem::Available avail = mem::share(env.memory, node_ranks, cgroup_ranks);
+    if (need.total > avail.bytes)
+      throw Error(ErrorCode::out_of_memory,
+                  cat("needs ", mem::bytes_text(need.total), " of memory (", need.text(),
+                      ") but its limit is ", mem::bytes_text(avail.bytes), " (", avail.how,
+                      "); use more ranks, fewer tokens or heads, or free memory"));
   });
+
+  // My shards, in slices.
+  HostTensor q, k, v, out;
+  {
+    Tasks tasks;
+    tasks.add("allocating the inputs", [&] {
+      q = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
+      k = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
+      v = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
+      out = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
+    });
+    HostTensor* dst[3] = {&q, &k, &v};
+    const char* names[3] = {"q", "k", "v"};
+    for (int t = 0; t < 3; ++t) {
+      const std::vector<std::int64_t>& lens = t == kQ ? s.lens : s.kv_lens;
+      const std::int64_t first = first_token(lens, me), n = lens[static_cast<std::size_t>(me)];
+      const std::int64_t row = (t == kQ ? s.heads : s.kv_heads) * s.head_dim;
+      const std::int64_t step = std::max<std::int64_t>(1, kPieceElements / std::max<std::int64_t>(row, 1));
+      for (std::int64_t a = 0; a < n; a += step) {
+        const std::int64_t c = std::min(step, n - a);
+        tasks.add(cat("preparing the inputs: ", names[t], " tokens ", a, "-", a + c, " of ", n),
+                  [&, t, a, c, first] { fill_rows(s, o, t, first + a, c, *dst[t], a, nullptr); });
+      }
+    }
+    run_sliced(ctl, "prepare the inputs", tasks, progress, [] { return std::uint16_t{0}; });
+  }
 
   AttentionArgs args;
   args.q = q.view();
@@ -415,58 +740,87 @@ int run(const RunOptions& o, int me, int P) {
   args.v = v.view();
   args.out = out.view();
   Workspace ws;
+  // Every call starts together (an agreement, under the deadline), so that the phases time the
+  // call rather than the skew of the ranks before it.
+  auto call = [&](PhaseTimes* t) {
+    ctl.agree("start a forward() call", {});
+    collective([&] { forward(plan, args, ws, t); }, "forward()");
+  };
   if (o.iters > 1) {
-    MPI_Barrier(world);
-    collective([&] { forward(plan, args, ws); });
+    progress.set(cat("warm-up call (then ", o.iters, " timed calls)"));
+    call(nullptr);
   }
   std::vector<std::vector<double>> phase(kPhases);
   for (std::int64_t i = 0; i < o.iters; ++i) {
+    progress.set(cat("timed call ", i + 1, " of ", o.iters));
     PhaseTimes t;
-    MPI_Barrier(world);
-    collective([&] { forward(plan, args, ws, &t); });
+    call(&t);
     const double values[kPhases - 1] = {t.handshake, t.pack,   t.exchange_qkv, t.attention,
                                         t.exchange_out, t.unpack, t.total};
     for (int p = 0; p < kPhases - 1; ++p) phase[static_cast<std::size_t>(p + 1)].push_back(values[p]);
   }
-  double local_ms[kPhases] = {plan_ms}, max_ms[kPhases] = {};
-  for (int p = 1; p < kPhases; ++p) local_ms[p] = median(phase[static_cast<std::size_t>(p)]);
-  MPI_Reduce(local_ms, max_ms, kPhases, MPI_DOUBLE, MPI_MAX, 0, world);
-  const std::int64_t sent = plan.bytes_sent();
-  std::int64_t max_sent = 0;
-  MPI_Reduce(&sent, &max_sent, 1, MPI_INT64_T, MPI_MAX, 0, world);
-  const char* kernel = kernel_name();
-  // How the timed calls moved data (the same on every rank: peer memory needs it everywhere).
-  const char* data_path = last_call(ws).peer_memory ? "peer_memory" : "messages";
 
-  // Output to rank 0, one MPI element per token row.
+  // Every rank's phases, bytes, data path and kernel, to every rank.
+  RankRecord mine;
+  std::memset(&mine, 0, sizeof mine);
+  mine.ms[0] = plan_ms;
+  for (int p = 1; p < kPhases; ++p) mine.ms[p] = median(phase[static_cast<std::size_t>(p)]);
+  mine.bytes_sent = plan.bytes_sent();
+  mine.peer_memory = last_call(ws).peer_memory ? 1 : 0;
+  std::snprintf(mine.kernel, sizeof mine.kernel, "%s", kernel_name());
+  std::vector<RankRecord> records(static_cast<std::size_t>(P));
+  collective([&] { comm.allgather(&mine, sizeof mine, records.data()); }, "gather the reports");
+  double max_ms[kPhases] = {};
+  std::int64_t max_sent = 0;
+  std::vector<std::string> kernels;
+  int peer_ranks = 0;
+  for (const RankRecord& r : records) {
+    for (int p = 0; p < kPhases; ++p) max_ms[p] = std::max(max_ms[p], r.ms[p]);
+    max_sent = std::max(max_sent, r.bytes_sent);
+    kernels.emplace_back(r.kernel, strnlen(r.kernel, sizeof r.kernel));
+    peer_ranks += r.peer_memory;
+  }
+  const char* data_path = peer_ranks == P ? "peer_memory" : peer_ranks == 0 ? "messages" : "mixed";
+
+  // --check / --save: the output to rank 0 (point-to-point messages under the deadline), then rank
+  // 0's work in slices, every rank agreeing after each one.
+  std::uint16_t outcome = 0;
   CheckResult check;
-  if (o.check || !o.save_dir.empty()) {
+  if (rank0_work) {
     HostTensor gathered;
-    local_step(world, [&] {
+    progress.set("gathering the output on rank 0");
+    ctl.local_step("allocate the gathered output", [&] {
       if (me == 0) gathered = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim);
     });
-    MPI_Datatype row;
-    MPI_Type_contiguous(static_cast<int>(s.heads * s.head_dim * static_cast<std::int64_t>(dtype_size(o.dtype))),
-                        MPI_BYTE, &row);
-    MPI_Type_commit(&row);
-    std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
-    for (int r = 0; r < P; ++r) {
-      counts[static_cast<std::size_t>(r)] = static_cast<int>(s.lens[static_cast<std::size_t>(r)]);
-      displs[static_cast<std::size_t>(r)] = static_cast<int>(first_token(s.lens, r));
+    std::vector<Message> sends, recvs;
+    if (out.bytes() > 0) sends.push_back({0, out.data(), out.bytes()});
+    if (me == 0) {
+      const std::int64_t row = gathered.row_bytes();
+      for (int r = 0; r < P; ++r) {
+        const std::int64_t n = s.lens[static_cast<std::size_t>(r)];
+        if (n > 0)
+          recvs.push_back({r, static_cast<char*>(gathered.data()) + first_token(s.lens, r) * row, n * row});
+      }
     }
-    MPI_Gatherv(out.data(), static_cast<int>(out.tokens), row, gathered.data(), counts.data(),
-                displs.data(), row, 0, world);
-    MPI_Type_free(&row);
+    collective([&] { comm.exchange(sends, recvs); }, "gather the output on rank 0");
 
-    local_step(world, [&] {
-      if (me == 0) check = rank0_work(o, s, shape, gathered);
+    std::unique_ptr<Rank0Work> work;
+    ctl.local_step("prepare the rank-0 work", [&] {
+      if (me == 0) work = std::make_unique<Rank0Work>(o, s, shape, gathered, single);
     });
-    int bitwise = check.bitwise_equal ? 1 : 0;
-    MPI_Bcast(&bitwise, 1, MPI_INT, 0, world);
-    check.bitwise_equal = bitwise != 0;
+    Tasks none;
+    outcome = run_sliced(ctl, "--check/--save on rank 0", me == 0 ? work->tasks() : none, progress,
+                         [&] { return me == 0 ? work->result_flags() : std::uint16_t{0}; });
+    if (me == 0) check = work->result();
   }
+  progress.stop();
 
+  const bool check_failed = o.check && (outcome & kCheckFailed) != 0;
   if (me == 0) {
+    std::string saved;
+    if (!o.save_dir.empty()) {
+      for (const std::string& n : s.save_names) saved += (saved.empty() ? "" : ", ") + n;
+    }
     if (o.json) {
       JsonWriter j;
       j.field("ranks", P)
@@ -480,13 +834,24 @@ int run(const RunOptions& o, int me, int P) {
           .field("strategy", strategy_name(o.strategy))
           .field("iters", o.iters);
       if (!s.from_files) j.field("seed", static_cast<std::uint64_t>(o.seed));
-      j.field("kernel", kernel).field("threads", uaa::num_threads()).field("data_path", data_path);
+      j.field("kernel", kernels[0])
+          .field("kernels", kernels)
+          .field("threads", uaa::num_threads())
+          .field("data_path", data_path);
       j.begin_object("ms");
       for (int p = 0; p < kPhases; ++p) j.field(kPhaseNames[p], max_ms[p]);
       j.end_object().field("bytes_sent", max_sent);
-      if (o.check) j.field("max_abs_err", check.max_abs_err).field("bitwise_equal", check.bitwise_equal);
+      if (o.check)
+        j.field("max_abs_err", check.max_abs_err)
+            .field("bitwise_equal", check.bitwise_equal)
+            .field("nonfinite_inputs", check.nonfinite_inputs)
+            .field("nonfinite_outputs", check.nonfinite_outputs)
+            .field("check_passed", check.passed());
       if (!o.load_dir.empty()) j.field("load", o.load_dir);
-      if (!o.save_dir.empty()) j.field("save", o.save_dir);
+      if (!o.save_dir.empty()) {
+        std::vector<std::string> files(s.save_names);
+        j.field("save", o.save_dir).field("saved", files);
+      }
       std::printf("%s\n", j.str().c_str());
     } else {
       std::printf("uaa run: %d rank%s, q lens %s (%lld), kv lens %s (%lld), heads %lld q / %lld kv, "
@@ -495,54 +860,87 @@ int run(const RunOptions& o, int me, int P) {
                   list_text(s.kv_lens).c_str(), static_cast<long long>(s.kv_total),
                   static_cast<long long>(s.heads), static_cast<long long>(s.kv_heads),
                   static_cast<long long>(s.head_dim), dtype_name(o.dtype), o.causal ? ", causal" : "",
-                  static_cast<long long>(o.iters), o.iters == 1 ? "" : "s", kernel, uaa::num_threads(),
-                  uaa::num_threads() == 1 ? "" : "s",
+                  static_cast<long long>(o.iters), o.iters == 1 ? "" : "s", kernels[0].c_str(),
+                  uaa::num_threads(), uaa::num_threads() == 1 ? "" : "s",
                   (s.from_files ? cat("data ", o.load_dir) : cat("seed ", o.seed)).c_str());
-      std::printf("data_path: %s, kernel: %s\n", data_path, kernel);
+      std::printf("data_path: %s, kernels: %s\n", data_path, kernels_text(kernels).c_str());
       std::printf("bytes sent per rank (max over ranks): %lld\n", static_cast<long long>(max_sent));
       std::printf("%-14s %12s   (median over iterations, max over ranks)\n", "phase", "ms");
       for (int p = 0; p < kPhases; ++p) std::printf("%-14s %s\n", kPhaseNames[p], fixed_ms(max_ms[p]).c_str());
       if (o.check)
-        std::printf("check: max_abs_err %.3g (vs float64 reference), bitwise_equal %s (vs single-rank run)\n",
-                    check.max_abs_err, check.bitwise_equal ? "true" : "false");
-      if (!o.save_dir.empty()) std::printf("saved q.npy, k.npy, v.npy, out.npy to %s\n", o.save_dir.c_str());
+        std::printf("check: max_abs_err %.3g (vs float64 reference, over %lld finite values), "
+                    "bitwise_equal %s (vs single-rank run)\n",
+                    check.max_abs_err, static_cast<long long>(check.compared),
+                    check.bitwise_equal ? "true" : "false");
+      if (!o.save_dir.empty())
+        std::printf("saved %s to %s%s\n", saved.c_str(), o.save_dir.c_str(),
+                    s.save_outputs_only ? " (the --load directory: its inputs are kept as they were)" : "");
     }
     std::fflush(stdout);
     if (o.check && !check.bitwise_equal)
-      std::fprintf(stderr, "uaa run: rank 0: the %d-rank output is NOT bitwise equal to the single-rank run\n", P);
+      std::fprintf(stderr, "uaa run: check failed: the %d-rank output is NOT bitwise equal to the single-rank run\n", P);
+    if (check.nonfinite_outputs)
+      std::fprintf(stderr, "uaa run: check failed: %lld output value(s) are NaN/Inf where the float64 "
+                   "reference is finite (first: %s)\n",
+                   static_cast<long long>(check.nonfinite_outputs), check.first_nonfinite_output.c_str());
+    if (check.nonfinite_inputs)
+      std::fprintf(stderr, "uaa run: check failed: the inputs hold %lld NaN/Inf value(s) (first: %s); "
+                   "--check needs finite inputs (max_abs_err covers the finite values only)\n",
+                   static_cast<long long>(check.nonfinite_inputs), check.first_nonfinite_input.c_str());
+    std::fflush(stderr);
   }
-  return o.check && !check.bitwise_equal ? 1 : 0;
+  return check_failed ? 1 : 0;
 }
 
 }  // namespace
 
 int run_main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int me = 0, P = 1;
+  // Errors of MPI calls become uaa::Error (MPICH reports request errors on MPI_COMM_WORLD).
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  int me = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &me);
-  MPI_Comm_size(MPI_COMM_WORLD, &P);
-  int status = 0;
-  auto report = [&](int rank, const std::string& message) {
-    std::fprintf(stderr, "uaa run: rank %d: %s\n", rank, message.c_str());
-    std::fflush(stderr);
-  };
+
+  // 1. This rank's arguments and environment, without stopping on an error.
+  RunOptions o;
+  Environment env;
+  std::string local_error;
   try {
-    const RunOptions o = parse_run_args(std::span<const char* const>(argv + 1, argc > 0 ? argc - 1 : 0));
-    if (o.help) {
-      if (me == 0) std::fputs(run_usage(), stdout);
-    } else {
-      status = run(o, me, P);
-    }
-  } catch (const ArgError& e) {
-    // Every rank parsed the same argv: one report is enough.
-    if (me == 0) report(0, e.what());
-    status = 2;
-  } catch (const AgreedError& e) {
-    if (me == 0) report(e.origin >= 0 ? e.origin : me, e.message);
-    status = 2;
+    o = parse_run_args(std::span<const char* const>(argv + 1, argc > 0 ? argc - 1 : 0));
+    env.progress_seconds = Progress::interval_from_env();
+    env.memory = mem::detect();
   } catch (const std::exception& e) {
-    report(me, e.what());  // possibly this rank only
-    status = 2;
+    local_error = e.what();
+  }
+
+  int status = 0;
+  {
+    std::shared_ptr<Communicator> comm;
+    try {
+      // 2. The communicator (collective, under the deadline; its own errors are agreed).
+      comm = collective([&] { return make_mpi_communicator(MPI_COMM_WORLD); },
+                        "make_mpi_communicator");
+      ToolControl ctl(*comm);
+      // 3. The options, agreed.
+      agree_options(ctl, o, local_error);
+      if (o.help) {
+        if (me == 0) std::fputs(run_usage(), stdout);
+      } else {
+        status = run(ctl, o, env);
+      }
+    } catch (const AgreedError& e) {
+      // The same on every rank: one report.
+      if (me == 0) {
+        std::fflush(stdout);
+        std::fprintf(stderr, "uaa run: %s\n", e.message.c_str());
+        std::fflush(stderr);
+      }
+      status = 2;
+    } catch (const std::bad_alloc&) {
+      abort_job("out of memory");
+    } catch (const std::exception& e) {
+      abort_job(e.what());  // this rank only: its peers cannot know, so end the job
+    }
   }
   MPI_Finalize();
   return status;

@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(
   cmake make g++ pkg-config
-  libopenmpi-dev openmpi-bin   # MPI transport and mpirun
+  libopenmpi-dev openmpi-bin   # MPI transport and mpirun (the default MPI: highest alternatives priority)
+  mpich libmpich-dev           # the second MPI the tests build against (ctest -L mpich)
   libgtest-dev                 # tests
   libhwy-dev                   # SIMD kernels (runtime ISA dispatch)
   libopenblas-dev              # benchmark reference only (sgemm); never linked into libuaa

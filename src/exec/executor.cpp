@@ -15,11 +15,6 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-// A staging block whose rows are dense ([tokens][heads][row] with no gaps) is one contiguous run.
-bool dense_staging(const Place& p, std::int64_t heads) {
-  return is_staging(p.slot) && (p.pitch == 0 || p.pitch == heads);
-}
-
 void copy_block(const BlockAddress& src, const BlockAddress& dst, std::int64_t tokens,
                 std::int64_t heads, std::int64_t row) {
   const auto run = static_cast<std::size_t>(row);
@@ -123,11 +118,11 @@ void run_exchange_by_messages(Communicator& comm, const ExchangeStep& step, cons
     for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
       const Part& x = step.send_parts[i];
       std::byte* data;
-      if (dense_staging(x.src, x.heads)) {
+      if (is_dense_staging(x.src, x.heads)) {
         data = resolve(b, x.src, x.heads, x.row_bytes).base;
       } else {
         data = B.pack.data() + at;
-        at += (x.bytes() + 63) / 64 * 64;
+        at += packed_bytes(x);
         const BlockAddress dst = dense_at(data, x.heads, x.row_bytes);
         if (x.src.slot == Slot::pad)
           std::memset(data, 0, static_cast<std::size_t>(x.bytes()));
@@ -143,13 +138,13 @@ void run_exchange_by_messages(Communicator& comm, const ExchangeStep& step, cons
     for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
       const Part& x = step.recv_parts[i];
       std::byte* data;
-      if (dense_staging(x.dst, x.heads)) {
+      if (is_dense_staging(x.dst, x.heads)) {
         data = resolve(b, x.dst, x.heads, x.row_bytes).base;
       } else {
         data = B.unpack.data() + at;
         B.unpack_parts.push_back(i);
         B.unpack_offsets.push_back(at);
-        at += (x.bytes() + 63) / 64 * 64;
+        at += packed_bytes(x);
       }
       B.recvs.push_back(Message{pp.peer, data, x.bytes()});
     }

@@ -195,50 +195,36 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
   prog.out.recv.reserve(peers);
   prog.compute.reserve(kMaxPieces);
 
-  // q/k/v in: to each peer j, of each of j's pieces the rows r holds, then the k/v heads j reads.
-  StepBuilder in_send(prog.in.send_parts, prog.in.send);
-  for (int j = 0; j < P; ++j) {
-    if (j == r) continue;
-    const RankWork& w = work[j];
-    if (w.pieces == 0) continue;
-    const UaaGeometry::InAreas at_j = G.in_areas(j);
-    in_send.begin_peer(j);
+  // q/k/v in: rank `from` sends rank `to` (to != from), of each of to's pieces the rows `from`
+  // holds, then its k/v of the kv heads `to` reads. The send list (from = r) and the receive list
+  // (to = r) come from this one function, so they match part for part by construction.
+  auto in_parts = [&](StepBuilder& b, int from, int to) {
+    const RankWork& w = work[to];
+    if (w.pieces == 0) return;
+    const RowRange held = G.tokens(from);
+    const UaaGeometry::InAreas at = G.in_areas(to);
+    b.begin_peer(from == r ? to : from);
     for (int i = 0; i < w.pieces; ++i) {
       const WorkPiece& p = w.piece[i];
-      const RowRange rows = rows_held(p, my_tokens);
+      const RowRange rows = rows_held(p, held);
       const std::int64_t nh = p.heads.size();
-      in_send.add(rows.size(), nh, row, tensor(Slot::q, rows.begin - my_tokens.begin, p.heads.begin),
-                  staged(Slot::stage_in, at_j.q[i] + G.rows_before(j, i, r) * nh * row));
+      b.add(rows.size(), nh, row, tensor(Slot::q, rows.begin - held.begin, p.heads.begin),
+            staged(Slot::stage_in, at.q[i] + G.rows_before(to, i, from) * nh * row));
     }
-    const std::int64_t nkv = w.kv_heads.size(), kv_off = G.kv_before(j, r) * nkv * row;
-    in_send.add(g.kv_lens[r], nkv, row, tensor(Slot::k, 0, w.kv_heads.begin),
-                staged(Slot::stage_in, at_j.k + kv_off));
-    in_send.add(g.kv_lens[r], nkv, row, tensor(Slot::v, 0, w.kv_heads.begin),
-                staged(Slot::stage_in, at_j.v + kv_off));
-    in_send.end_peer();
-  }
-  // The mirror: from each peer j, the rows of my pieces it holds, then its k/v of my kv heads.
+    const std::int64_t nkv = w.kv_heads.size(), kv_off = G.kv_before(to, from) * nkv * row;
+    b.add(g.kv_lens[from], nkv, row, tensor(Slot::k, 0, w.kv_heads.begin),
+          staged(Slot::stage_in, at.k + kv_off));
+    b.add(g.kv_lens[from], nkv, row, tensor(Slot::v, 0, w.kv_heads.begin),
+          staged(Slot::stage_in, at.v + kv_off));
+    b.end_peer();
+  };
+  StepBuilder in_send(prog.in.send_parts, prog.in.send), in_recv(prog.in.recv_parts, prog.in.recv);
+  for (int j = 0; j < P; ++j)
+    if (j != r) in_parts(in_send, r, j);
+  for (int j = 0; j < P; ++j)
+    if (j != r) in_parts(in_recv, j, r);
   const UaaGeometry::InAreas in_mine = G.in_areas(r);
   const UaaGeometry::OutAreas out_mine = G.out_areas(r);
-  StepBuilder in_recv(prog.in.recv_parts, prog.in.recv);
-  for (int j = 0; j < P && mine.pieces > 0; ++j) {
-    if (j == r) continue;
-    const RowRange theirs = G.tokens(j);
-    in_recv.begin_peer(j);
-    for (int i = 0; i < mine.pieces; ++i) {
-      const WorkPiece& p = mine.piece[i];
-      const RowRange rows = rows_held(p, theirs);
-      const std::int64_t nh = p.heads.size();
-      in_recv.add(rows.size(), nh, row, tensor(Slot::q, rows.begin - theirs.begin, p.heads.begin),
-                  staged(Slot::stage_in, in_mine.q[i] + G.rows_before(r, i, j) * nh * row));
-    }
-    const std::int64_t nkv = mine.kv_heads.size(), kv_off = G.kv_before(r, j) * nkv * row;
-    in_recv.add(g.kv_lens[j], nkv, row, tensor(Slot::k, 0, mine.kv_heads.begin),
-                staged(Slot::stage_in, in_mine.k + kv_off));
-    in_recv.add(g.kv_lens[j], nkv, row, tensor(Slot::v, 0, mine.kv_heads.begin),
-                staged(Slot::stage_in, in_mine.v + kv_off));
-    in_recv.end_peer();
-  }
 
   // Compute: one step per piece over every rank's rows, in global order; my own rows are read from
   // and written to the caller's tensors.
@@ -291,47 +277,33 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
     prog.compute.push_back(std::move(c));
   }
 
-  // out: to each peer j, of each of my pieces the rows j holds (then their lse).
-  StepBuilder out_send(prog.out.send_parts, prog.out.send);
-  for (int j = 0; j < P && mine.pieces > 0; ++j) {
-    if (j == r) continue;
-    const RowRange theirs = G.tokens(j);
-    out_send.begin_peer(j);
-    for (int i = 0; i < mine.pieces; ++i) {
-      const WorkPiece& p = mine.piece[i];
-      const RowRange rows = rows_held(p, theirs);
-      const std::int64_t nh = p.heads.size(), before = G.rows_before(r, i, j);
-      const std::int64_t t = rows.begin - theirs.begin;
-      out_send.add(rows.size(), nh, row, staged(Slot::stage_out, out_mine.o[i] + before * nh * row),
-                   tensor(Slot::out, t, p.heads.begin));
-      if (g.with_lse)
-        out_send.add(rows.size(), nh, G.lse_row,
-                     staged(Slot::stage_out, out_mine.lse[i] + before * nh * G.lse_row),
-                     tensor(Slot::lse, t, p.heads.begin));
-    }
-    out_send.end_peer();
-  }
-  StepBuilder out_recv(prog.out.recv_parts, prog.out.recv);
-  for (int j = 0; j < P; ++j) {
-    if (j == r) continue;
-    const RankWork& w = work[j];
-    if (w.pieces == 0) continue;
-    const UaaGeometry::OutAreas at_j = G.out_areas(j);
-    out_recv.begin_peer(j);
+  // out: rank `from` returns to rank `to`, of each of from's pieces the rows `to` holds (then
+  // their lse); one function for both lists, as for `in`.
+  auto out_parts = [&](StepBuilder& b, int from, int to) {
+    const RankWork& w = work[from];
+    if (w.pieces == 0) return;
+    const RowRange owner = G.tokens(to);
+    const UaaGeometry::OutAreas at = G.out_areas(from);
+    b.begin_peer(from == r ? to : from);
     for (int i = 0; i < w.pieces; ++i) {
       const WorkPiece& p = w.piece[i];
-      const RowRange rows = rows_held(p, my_tokens);
-      const std::int64_t nh = p.heads.size(), before = G.rows_before(j, i, r);
-      const std::int64_t t = rows.begin - my_tokens.begin;
-      out_recv.add(rows.size(), nh, row, staged(Slot::stage_out, at_j.o[i] + before * nh * row),
-                   tensor(Slot::out, t, p.heads.begin));
+      const RowRange rows = rows_held(p, owner);
+      const std::int64_t nh = p.heads.size(), before = G.rows_before(from, i, to);
+      const std::int64_t t = rows.begin - owner.begin;
+      b.add(rows.size(), nh, row, staged(Slot::stage_out, at.o[i] + before * nh * row),
+            tensor(Slot::out, t, p.heads.begin));
       if (g.with_lse)
-        out_recv.add(rows.size(), nh, G.lse_row,
-                     staged(Slot::stage_out, at_j.lse[i] + before * nh * G.lse_row),
-                     tensor(Slot::lse, t, p.heads.begin));
+        b.add(rows.size(), nh, G.lse_row,
+              staged(Slot::stage_out, at.lse[i] + before * nh * G.lse_row),
+              tensor(Slot::lse, t, p.heads.begin));
     }
-    out_recv.end_peer();
-  }
+    b.end_peer();
+  };
+  StepBuilder out_send(prog.out.send_parts, prog.out.send), out_recv(prog.out.recv_parts, prog.out.recv);
+  for (int j = 0; j < P; ++j)
+    if (j != r) out_parts(out_send, r, j);
+  for (int j = 0; j < P; ++j)
+    if (j != r) out_parts(out_recv, j, r);
   prog.stage_in_bytes = in_mine.total;
   prog.stage_out_bytes = out_mine.total;
   finalize(prog);
@@ -571,9 +543,7 @@ void finalize(Program& p) {
       if (pp.peer != s.self)
         for (std::uint32_t i = pp.begin; i < pp.end; ++i) {
           const Part& x = parts[i];
-          const Place& side = send ? x.src : x.dst;
-          const bool dense = is_staging(side.slot) && (side.pitch == 0 || side.pitch == x.heads);
-          if (!dense) n += align(x.bytes());
+          if (!is_dense_staging(send ? x.src : x.dst, x.heads)) n += packed_bytes(x);
         }
     return n;
   };

@@ -53,6 +53,14 @@ struct Part {
 };
 static_assert(sizeof(Place) == 32 && sizeof(Part) == 80);
 
+// A staging block whose rows are dense ([tokens][heads][row], no gaps) is one contiguous run: the
+// message executor sends it from / receives it into staging directly; other parts are packed.
+inline bool is_dense_staging(const Place& p, std::int64_t heads) {
+  return is_staging(p.slot) && (p.pitch == 0 || p.pitch == heads);
+}
+// Bytes a packed part takes in the executor's pack/unpack areas (each part 64-byte aligned).
+inline std::int64_t packed_bytes(const Part& x) { return (x.bytes() + 63) / 64 * 64; }
+
 // Parts [begin, end) of a step's part list exchanged with `peer` (peer may be the rank itself:
 // then src and dst are both local and executors copy).
 struct PeerParts {

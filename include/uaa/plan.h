@@ -133,6 +133,13 @@ class Plan {
   // (the strategy's, padding included; the 64-byte agreement is not counted).
   std::int64_t bytes_sent() const;
   std::int64_t bytes_received() const;
+  // The same for one backward() call (uaa/backward.h): saved mode moves dO rows in and dQ rows and
+  // per-head dK/dV partial sums out; recompute mode also moves the q/k/v rows in again. Partial
+  // sums of a head shared by two ranks also travel between them (counted here).
+  std::int64_t backward_bytes_sent(bool saved) const;
+  std::int64_t backward_bytes_received(bool saved) const;
+  // Bytes a SavedForward holds for this plan on this rank (the q/k/v rows received from others).
+  std::int64_t saved_bytes() const;
   // A 64-bit digest of everything the ranks must agree on (lengths, shape, options).
   std::uint64_t fingerprint() const;
   // One-line human-readable summary.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "uaa/attention.h"
+#include "uaa/backward.h"
 #include "uaa/communicator.h"
 #include "uaa/error.h"
 #include "uaa/plan.h"

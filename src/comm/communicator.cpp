@@ -75,6 +75,7 @@ const char* vote_kind_name(VoteKind k) {
     case VoteKind::forward: return "forward";
     case VoteKind::checkpoint: return "checkpoint";
     case VoteKind::tool: return "tool";
+    case VoteKind::backward: return "backward";
   }
   return "unknown operation";
 }

@@ -25,7 +25,7 @@
 namespace uaa::detail {
 
 // Which operation a vote belongs to: ranks in different operations must not agree.
-enum class VoteKind : std::uint8_t { plan_create = 1, forward = 2, checkpoint = 3, tool = 4 };
+enum class VoteKind : std::uint8_t { plan_create = 1, forward = 2, checkpoint = 3, tool = 4, backward = 5 };
 const char* vote_kind_name(VoteKind k);
 
 struct Vote {

@@ -19,6 +19,8 @@
 #include "comm/control_plane.h"
 #include "common/strings.h"
 #include "core/agreement.h"
+#include "core/validate.h"
+#include "core/saved.h"
 #include "core/workspace.h"
 #include "exec/executor.h"
 #include "kernels/kernel.h"
@@ -37,68 +39,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// Byte range [lo, hi) spanned by a strided view (empty if it has no rows), computed without
-// overflow: `valid` is false when the view's extent does not fit the address space.
-struct Extent {
-  std::uintptr_t lo = 0, hi = 0;
-  bool valid = true;
-  bool empty() const { return lo == hi; }
-  bool overlaps(const Extent& o) const { return !empty() && !o.empty() && lo < o.hi && o.lo < hi; }
-};
-
-Extent extent_of(const void* data, std::int64_t tokens, std::int64_t heads, std::int64_t dim,
-                 std::int64_t ts, std::int64_t hs, std::size_t es) {
-  if (tokens == 0 || heads == 0 || dim == 0) return {};
-  const __int128 last = (static_cast<__int128>(tokens) - 1) * ts +
-                        (static_cast<__int128>(heads) - 1) * hs + dim;
-  const __int128 bytes = last * static_cast<__int128>(es);
-  const auto lo = reinterpret_cast<std::uintptr_t>(data);
-  if (bytes > (static_cast<__int128>(1) << 62) ||
-      static_cast<__int128>(lo) + bytes > static_cast<__int128>(UINTPTR_MAX))
-    return {lo, lo, false};
-  return {lo, lo + static_cast<std::uintptr_t>(bytes), true};
-}
-
-// Checks one tensor argument against what the plan expects; returns the problem or "".
-std::string view_problem(const char* name, const ConstTensor& t, std::int64_t tokens,
-                         std::int64_t heads, const AttentionShape& s) {
-  if (t.dtype != s.dtype)
-    return cat(name, ".dtype ", dtype_name(t.dtype), " but the plan has ", dtype_name(s.dtype));
-  if (t.tokens != tokens)
-    return cat(name, ".tokens ", t.tokens, " but the plan gives this rank ", tokens);
-  if (t.heads != heads) return cat(name, ".heads ", t.heads, " but the plan has ", heads);
-  if (t.head_dim != s.head_dim)
-    return cat(name, ".head_dim ", t.head_dim, " but the plan has ", s.head_dim);
-  if (t.token_stride < 0 || t.head_stride < 0)
-    return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") must be >= 0");
-  if (t.data == nullptr && tokens * heads > 0) return cat(name, ".data is null");
-  if (!extent_of(t.data, tokens, heads, s.head_dim, t.token_stride, t.head_stride,
-                 dtype_size(s.dtype)).valid)
-    return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") over ", tokens,
-               " tokens and ", heads, " heads reach past the address space");
-  return {};
-}
-
-// True if the rows of a [tokens][heads][dim] view with these strides are pairwise disjoint.
-bool rows_disjoint(std::int64_t tokens, std::int64_t heads, std::int64_t dim, std::int64_t ts,
-                   std::int64_t hs) {
-  if (tokens == 0 || heads == 0) return true;  // no rows, nothing to overlap
-  struct Axis {
-    __int128 stride, count;
-  };
-  Axis a{ts, tokens}, b{hs, heads};
-  if (a.count <= 1) a.stride = 0;
-  if (b.count <= 1) b.stride = 0;
-  if (a.stride > b.stride) std::swap(a, b);
-  __int128 span = dim;  // elements covered by one row
-  for (const Axis& x : {a, b}) {
-    if (x.count <= 1) continue;
-    if (x.stride < span) return false;
-    span = (x.count - 1) * x.stride + span;
-  }
-  return true;
 }
 
 std::int64_t lse_token_stride(const AttentionArgs& a, const AttentionShape& s) {
@@ -198,7 +138,7 @@ void run_compute(const Program& prog, const PlanData& plan, const Setup& su, Wor
 }
 
 void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace& ws,
-                  PhaseTimes* times) {
+                  PhaseTimes* times, SavedData* saved) {
   const auto t_start = Clock::now();
   const PlanData& plan = plan_data(plan_handle);
   const AttentionShape& s = plan.shape;
@@ -207,6 +147,8 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
   ControlPlane& cp = control_plane(comm);
   WorkspaceBuffers& B = workspace_buffers(ws);
   const int me = plan.rank;
+  // With a SavedForward, the q/k/v rows received land in its buffer and stay there for backward().
+  AlignedBuffer& stage_in = saved ? saved->buffer : B.stage_in;
 
   // 1. Validate and set up, locally.
   std::string problem;
@@ -216,6 +158,10 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
   if (plan.failed) {
     code = plan.error_code;
     problem = plan.error_message;
+  } else if (saved && plan.options.strategy != Strategy::uaa) {
+    code = ErrorCode::unsupported;
+    problem = cat("uaa::forward: rank ", me, ": a SavedForward needs the uaa strategy (the plan has ",
+                  strategy_name(plan.options.strategy), ")");
   } else if (!(problem = args_problem(plan, args)).empty()) {
     problem = cat("uaa::forward: rank ", me, ": ", problem);
   } else {
@@ -224,7 +170,8 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
       su.threads = num_threads();
       su.kernel = &select_kernel();
       wanted = prog.stage_in_bytes;
-      B.reserve(B.stage_in, prog.stage_in_bytes);
+      if (saved && saved->buffer.size() < prog.stage_in_bytes) saved->valid = false;  // regrown
+      B.reserve(stage_in, prog.stage_in_bytes);
       wanted = prog.stage_out_bytes;
       B.reserve(B.stage_out, prog.stage_out_bytes);
       if (!su.peer_memory) {
@@ -240,7 +187,7 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
       b.out = args.out;
       b.lse = args.lse;
       b.lse_token_stride = lse_token_stride(args, s);
-      b.stage_in = B.stage_in.data();
+      b.stage_in = stage_in.data();
       b.stage_out = B.stage_out.data();
       b.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
       std::int64_t scratch = 0;
@@ -270,7 +217,7 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
     vote.code = code;
     vote.message = problem;
   } else if (su.peer_memory &&
-             (B.published_comm != comm.id() || B.published_in != B.stage_in.data() ||
+             (B.published_comm != comm.id() || B.published_in != stage_in.data() ||
               B.published_out != B.stage_out.data() ||
               B.published_sequence != last_publication(comm.id()))) {
     vote.flags = kFlagPublishStaging;
@@ -279,6 +226,7 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
   const Verdict verdict = cp.agree(vote);
   raise_agreed_error(verdict, {"uaa::forward", true, !plan.options.allow_mixed_kernels});
   B.last_peer_memory = su.peer_memory;
+  if (saved) saved->valid = false;  // until this call completes
   double agree_ms = ms_since(t_agree);
 
   // 3. Execute.
@@ -298,7 +246,7 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
     // of this round, so nobody writes into the memory of a rank that has left.
     auto t0 = Clock::now();
     if (verdict.flags & kFlagPublishStaging) {
-      const std::uint64_t mine[2] = {reinterpret_cast<std::uintptr_t>(B.stage_in.data()),
+      const std::uint64_t mine[2] = {reinterpret_cast<std::uintptr_t>(stage_in.data()),
                                      reinterpret_cast<std::uintptr_t>(B.stage_out.data())};
       B.gather.resize(2 * static_cast<std::size_t>(plan.ranks));
       comm.allgather(mine, sizeof mine, B.gather.data());
@@ -309,7 +257,7 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
         B.peer_stage_out[j] = B.gather[2 * j + 1];
       }
       B.published_comm = comm.id();
-      B.published_in = B.stage_in.data();
+      B.published_in = stage_in.data();
       B.published_out = B.stage_out.data();
       B.published_sequence = verdict.sequence_min;
       set_last_publication(comm.id(), verdict.sequence_min);
@@ -345,6 +293,10 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
     run_exchange_by_messages(comm, prog.out, su.bindings, B, tout);
     x2_ms = ms_since(t0) - tout.pack - tout.unpack;
   }
+  if (saved) {
+    saved->valid = true;
+    saved->fingerprint = plan.fingerprint;
+  }
   if (times) {
     times->handshake = agree_ms;
     times->pack = tin.pack + tout.pack;
@@ -368,7 +320,7 @@ std::int64_t Workspace::grow_count() const { return buffers_->grows; }
 std::int64_t Workspace::bytes_reserved() const {
   const detail::WorkspaceBuffers& b = *buffers_;
   return b.stage_in.size() + b.stage_out.size() + b.pack.size() + b.unpack.size() +
-         b.scratch.size();
+         b.scratch.size() + b.recompute.size() + b.delta.size();
 }
 
 CallReport last_call(const Workspace& ws) {
@@ -377,9 +329,11 @@ CallReport last_call(const Workspace& ws) {
   return r;
 }
 
-void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTimes* times) {
+namespace {
+void forward_checked(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTimes* times,
+                     detail::SavedData* saved) {
   try {
-    detail::forward_impl(plan, args, ws, times);
+    detail::forward_impl(plan, args, ws, times, saved);
   } catch (const Error& e) {
     // Transport errors name the operation and the ranks; add which plan was running.
     if (e.code() != ErrorCode::timeout && e.code() != ErrorCode::comm_failure) throw;
@@ -388,6 +342,16 @@ void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTi
                                       ": ", plan.ranks(), " ranks, ", plan.q_total(), " q / ",
                                       plan.kv_total(), " kv tokens): ", e.what()));
   }
+}
+
+}  // namespace
+
+void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTimes* times) {
+  forward_checked(plan, args, ws, times, nullptr);
+}
+void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, SavedForward& saved,
+             PhaseTimes* times) {
+  forward_checked(plan, args, ws, times, &detail::saved_data(saved));
 }
 
 }  // namespace uaa

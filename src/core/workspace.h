@@ -30,6 +30,7 @@ class AlignedBuffer {
     return true;
   }
   std::byte* data() { return data_.get(); }
+  const std::byte* data() const { return data_.get(); }
   std::int64_t size() const { return size_; }
 
  private:
@@ -45,6 +46,8 @@ namespace detail {
 struct WorkspaceBuffers {
   // Staging named by programs, and the message executor's pack/unpack areas.
   AlignedBuffer stage_in, stage_out, pack, unpack, scratch;
+  // Backward: the forward's q/k/v rows again (recompute mode) and this rank's delta rows.
+  AlignedBuffer recompute, delta;
   // Per-call lists, kept so that steady-state calls do not allocate.
   std::vector<Message> sends, recvs;
   std::vector<std::uint32_t> unpack_parts;  // recv parts that arrive in `unpack`
@@ -53,6 +56,8 @@ struct WorkspaceBuffers {
   std::vector<PeerWrite> writes;
   std::vector<detail::TokenSegment> qseg, kseg, vseg;
   std::vector<detail::OutSegment> oseg;
+  std::vector<detail::TokenSegment> dout_seg;
+  std::vector<detail::StatSegment> lse_seg, delta_seg;
   std::vector<std::uint64_t> gather;  // all-gather scratch
   // Peer-memory executor: every rank's staging addresses as last published through this workspace.
   std::vector<std::uint64_t> peer_stage_in, peer_stage_out;

@@ -76,15 +76,24 @@ BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std:
     case Slot::k: return in_tensor(b.k.data, b.k.token_stride, b.k.head_stride);
     case Slot::v: return in_tensor(b.v.data, b.v.token_stride, b.v.head_stride);
     case Slot::out: return in_tensor(b.out.data, b.out.token_stride, b.out.head_stride);
-    case Slot::lse: {
+    case Slot::dout: return in_tensor(b.dout.data, b.dout.token_stride, b.dout.head_stride);
+    case Slot::dq: return in_tensor(b.dq.data, b.dq.token_stride, b.dq.head_stride);
+    case Slot::dk: return in_tensor(b.dk.data, b.dk.token_stride, b.dk.head_stride);
+    case Slot::dv: return in_tensor(b.dv.data, b.dv.token_stride, b.dv.head_stride);
+    case Slot::lse:
+    case Slot::delta: {
       constexpr std::int64_t f = sizeof(float);
-      auto* base = reinterpret_cast<std::byte*>(b.lse + p.token * b.lse_token_stride + p.head);
-      return {base, b.lse_token_stride * f, f};
+      float* data = p.slot == Slot::lse ? b.lse : b.delta;
+      const std::int64_t ts = p.slot == Slot::lse ? b.lse_token_stride : b.delta_token_stride;
+      auto* base = reinterpret_cast<std::byte*>(data + p.token * ts + p.head);
+      return {base, ts * f, f};
     }
     case Slot::stage_in:
-    case Slot::stage_out: {
-      std::byte* base = (p.slot == Slot::stage_in ? b.stage_in : b.stage_out) + p.offset;
-      return {base, (p.pitch ? p.pitch : heads) * row_bytes, row_bytes};
+    case Slot::stage_out:
+    case Slot::saved: {
+      std::byte* area = p.slot == Slot::stage_in ? b.stage_in
+                        : p.slot == Slot::stage_out ? b.stage_out : b.saved;
+      return {area + p.offset, (p.pitch ? p.pitch : heads) * row_bytes, row_bytes};
     }
     case Slot::pad: break;
   }
@@ -262,6 +271,69 @@ KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const Atte
   kp.causal = c.causal;
   kp.threads = threads;
   return kp;
+}
+
+BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const AttentionShape& s,
+                                 int threads, WorkspaceBuffers& B) {
+  const std::int64_t es = b.elem_bytes, D = s.head_dim, row = D * es;
+  B.qseg.clear();
+  B.dout_seg.clear();
+  B.kseg.clear();
+  B.vseg.clear();
+  B.lse_seg.clear();
+  B.delta_seg.clear();
+  B.oseg.clear();
+  auto segment = [&](const Place& p, std::int64_t tokens, std::int64_t dense_heads) {
+    const BlockAddress a = resolve(b, p, dense_heads, row);
+    return TokenSegment{a.base, tokens, a.token_stride / es, a.head_stride / es};
+  };
+  auto stat = [&](const Place& p, std::int64_t dense_heads) {
+    const BlockAddress a = resolve(b, p, dense_heads, sizeof(float));
+    return StatSegment{reinterpret_cast<const float*>(a.base),
+                       a.token_stride / static_cast<std::int64_t>(sizeof(float))};
+  };
+  for (const BackwardQuerySegment& q : c.q) {
+    B.qseg.push_back(segment(q.q, q.tokens, q.dense_heads));
+    B.dout_seg.push_back(segment(q.dout, q.tokens, q.dense_heads));
+    B.lse_seg.push_back(stat(q.lse, q.dense_heads));
+    B.delta_seg.push_back(stat(q.delta, q.dense_heads));
+    const BlockAddress o = resolve(b, q.dq, q.dense_heads, row);
+    B.oseg.push_back(OutSegment{o.base, o.token_stride / es, o.head_stride / es, nullptr, 0});
+  }
+  for (const KeySegment& k : c.kv) {
+    B.kseg.push_back(segment(k.k, k.tokens, k.dense_heads));
+    B.vseg.push_back(segment(k.v, k.tokens, k.dense_heads));
+  }
+  const std::int64_t f32_row = D * static_cast<std::int64_t>(sizeof(float));
+  auto f32 = [&](const Place& p) -> float* {
+    if (p.slot == Slot::pad) return nullptr;
+    return reinterpret_cast<float*>(resolve(b, p, 1, f32_row).base);
+  };
+  BackwardProblem bp;
+  bp.dtype = s.dtype;
+  bp.head_dim = D;
+  bp.q_heads = c.q_heads;
+  bp.q_head_begin = c.q_head_begin;
+  bp.kv_head_begin = c.kv_head_begin;
+  bp.group = s.q_heads / s.kv_heads;
+  bp.q = B.qseg;
+  bp.dout = B.dout_seg;
+  bp.lse = B.lse_seg;
+  bp.delta = B.delta_seg;
+  bp.dq = B.oseg;
+  bp.k = B.kseg;
+  bp.v = B.vseg;
+  bp.q_first = c.q_first;
+  bp.q_total = c.q_total;
+  bp.kv_total = c.kv_total;
+  bp.scale = s.scale;
+  bp.causal = c.causal;
+  bp.threads = threads;
+  bp.dk_partial = f32(c.dk_partial);
+  bp.dv_partial = f32(c.dv_partial);
+  bp.dk_carry = f32(c.dk_carry);
+  bp.dv_carry = f32(c.dv_carry);
+  return bp;
 }
 
 }  // namespace uaa::detail

@@ -34,6 +34,12 @@ struct Bindings {
   std::byte* stage_in = nullptr;
   std::byte* stage_out = nullptr;
   std::int64_t elem_bytes = 4;
+  // Backward calls only.
+  ConstTensor dout;
+  Tensor dq, dk, dv;
+  float* delta = nullptr;  // [q_tokens][q_heads], token stride delta_token_stride
+  std::int64_t delta_token_stride = 0;
+  std::byte* saved = nullptr;
 };
 
 // A [tokens][heads][row] block's address and strides in bytes.
@@ -60,6 +66,10 @@ std::string write_in_parts(Communicator& comm, const ExchangeStep& in, const Bin
                            const std::uint64_t* peer_stage_in, WorkspaceBuffers& B);
 std::string read_out_parts(Communicator& comm, const ExchangeStep& out, const Bindings& b,
                            const std::uint64_t* peer_stage_out, WorkspaceBuffers& B);
+
+// The backward kernel problem of one step (segments in B's lists; scratch not set).
+BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const AttentionShape& s,
+                                 int threads, WorkspaceBuffers& B);
 
 // The kernel problem of one compute step, with segments in B's lists (pointers valid until the next
 // call that uses B's lists). scratch is not set.

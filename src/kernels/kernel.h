@@ -69,6 +69,83 @@ class AttentionKernel {
   virtual void run(const KernelProblem& p) const = 0;
 };
 
+// ---- Backward ------------------------------------------------------------------------------
+//
+// Gradients of one compute step of the backward program: the rows of q heads
+// [q_head_begin, + q_heads) over global query rows [q_first, q_first + their tokens), against all
+// kv_total keys. With P = softmax(scale·QKᵀ) recomputed from q, k and the forward's lse:
+//   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P∘(dP − delta)·scale,  dQ = dS·K,  dK = dSᵀ·Q
+// where delta = rowsum(dO∘O) per (row, head) is computed by the caller (the owner of the token).
+//
+// Outputs:
+//   dq: every row of the step, in the dtype (complete: dQ needs only this row and all keys);
+//   dk_partial / dv_partial: fp32 [q_heads][kv_total][head_dim], dense: for each local q head its
+//     contribution over this step's rows only (the GQA sum over q heads and the sum over rows held
+//     by other ranks are done by the caller, see below). Keys no row of the step sees get carry or 0.
+//
+// Exactness contract (what makes backward bitwise partition-invariant):
+//   - dq[i][h] = an fma chain over key positions in ascending order; per (row, head) arithmetic
+//     depends only on that row, the global key positions and the tile sizes.
+//   - dk_partial[h][j] (likewise dv) = dk_carry[j] (local head 0 only, when given) or +0, followed
+//     by an fma chain over this step's rows in ascending order. Rows are taken in whole query
+//     tiles counted from global row 0 (kQueryRowGranule divides into them): a tile that sees no key
+//     of j's key tile is skipped, otherwise all its rows take part (a row that cannot see j adds
+//     an exact zero product). Hence the chain over rows [0, n) equals the chain over rows [m, n)
+//     started from carry = the chain over rows [0, m), for m a multiple of kQueryRowGranule: a head
+//     split between ranks gives the single-rank bits when the later rank starts from the earlier
+//     rank's partial (plan/backward program).
+//   - none of it depends on the thread count (dq's key order is kept across threads).
+struct StatSegment {
+  const float* data = nullptr;  // [tokens][q_heads] floats, head stride 1
+  std::int64_t token_stride = 0;
+};
+
+struct BackwardProblem {
+  DType dtype = DType::f32;
+  std::int64_t head_dim = 0;
+  std::int64_t q_heads = 0, q_head_begin = 0, kv_head_begin = 0, group = 1;  // as KernelProblem
+  std::span<const TokenSegment> q, dout;     // same count, same tokens per segment
+  std::span<const StatSegment> lse, delta;   // same count: the forward's lse (natural log), delta
+  std::span<const OutSegment> dq;            // same count (lse fields unused); written
+  std::span<const TokenSegment> k, v;
+  std::int64_t q_first = 0, q_total = 0, kv_total = 0;
+  float scale = 1.0f;
+  bool causal = false;
+  int threads = 1;
+  void* scratch = nullptr;  // backward_scratch_bytes(problem) bytes, 64-byte aligned
+  float* dk_partial = nullptr;  // [q_heads][kv_total][head_dim] fp32 (may be null when kv_total == 0)
+  float* dv_partial = nullptr;
+  const float* dk_carry = nullptr;  // [kv_total][head_dim]: start of local head 0's chain, or null
+  const float* dv_carry = nullptr;
+  // Benchmarks only: false lets threads add their dQ contributions in any order (the fastest
+  // non-deterministic variant, to measure what the ordered chain costs). Results then depend on
+  // thread timing.
+  bool ordered_dq = true;
+};
+
+class BackwardKernel {
+ public:
+  virtual ~BackwardKernel() = default;
+  virtual const char* name() const = 0;
+  virtual bool supports(DType dtype) const = 0;
+  virtual std::size_t scratch_bytes(const BackwardProblem& p) const = 0;
+  virtual void run(const BackwardProblem& p) const = 0;
+};
+
+// The backward kernel paired with a forward kernel: the flash variant of the same ISA (the
+// reference and tiled forward kernels pair with flash_portable's backward).
+const BackwardKernel& backward_kernel_for(const AttentionKernel& forward);
+// Flash backward variants this CPU runs, best first, ignoring UAA_ISA (tests run each).
+std::span<const BackwardKernel* const> flash_backward_kernels_supported();
+
+// Whole-sequence float64 reference backward on contiguous fp32 tensors, for tests and --check:
+// q, dout [Sq][Hq][D]; k, v [Skv][Hkv][D] -> dq [Sq][Hq][D], dk, dv [Skv][Hkv][D] (float64).
+// Recomputes the forward in float64; rows that see no key give zero gradients.
+void reference_attention_backward(const float* q, const float* k, const float* v,
+                                  const float* dout, std::int64_t Sq, std::int64_t Skv,
+                                  std::int64_t Hq, std::int64_t Hkv, std::int64_t D, float scale,
+                                  bool causal, double* dq, double* dk, double* dv);
+
 // The kernel this process uses: chosen once, best first (dispatch.cpp). Environment:
 //   UAA_KERNEL=reference|tiled|flash|<a flash variant name>   overrides the choice;
 //   UAA_ISA=avx512bf16|avx512|avx2|portable                     caps the ISA of the flash kernels.

@@ -94,6 +94,32 @@ std::uint64_t fingerprint_of(const AttentionShape& s, const PlanOptions& o,
   return f.h;
 }
 
+}  // namespace
+
+Geometry geometry_of(const PlanData& d) {
+  const AttentionShape& s = d.shape;
+  Geometry g;
+  g.q_lens = d.q_lens;
+  g.kv_lens = d.kv_lens;
+  g.q_heads = s.q_heads;
+  g.kv_heads = s.kv_heads;
+  g.head_dim = s.head_dim;
+  g.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
+  g.causal = s.causal;
+  g.with_lse = s.return_lse;
+  return g;
+}
+
+const BackwardProgram& backward_program(const PlanData& d) {
+  std::call_once(d.backward_once, [&] {
+    d.backward = std::make_unique<const BackwardProgram>(
+        compile_uaa_backward(geometry_of(d), d.work, d.rank));
+  });
+  return *d.backward;
+}
+
+namespace {
+
 // O(P) for this rank: the work split of all ranks (O(P log S)) and this rank's program (O(P)).
 std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
                                 const PlanOptions& options, std::vector<std::int64_t> q_lens,
@@ -113,15 +139,7 @@ std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
   }
   const AttentionShape& s = d->shape;
   d->work = split_work(work_input(d->q_lens, d->kv_lens, s.q_heads, s.kv_heads, s.causal));
-  Geometry g;
-  g.q_lens = d->q_lens;
-  g.kv_lens = d->kv_lens;
-  g.q_heads = s.q_heads;
-  g.kv_heads = s.kv_heads;
-  g.head_dim = s.head_dim;
-  g.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
-  g.causal = s.causal;
-  g.with_lse = s.return_lse;
+  const Geometry g = geometry_of(*d);
   switch (options.strategy) {
     case Strategy::uaa: d->forward = compile_uaa_forward(g, d->work, d->rank); break;
     case Strategy::ulysses:
@@ -345,6 +363,17 @@ std::int64_t Plan::staging_bytes() const {
 std::uint64_t Plan::fingerprint() const { return data_->fingerprint; }
 
 std::int64_t Plan::bytes_sent() const { return data_->forward.bytes_sent(); }
+std::int64_t Plan::backward_bytes_sent(bool saved) const {
+  if (data_->options.strategy != Strategy::uaa) return 0;
+  return detail::backward_program(*data_).bytes_sent(saved);
+}
+std::int64_t Plan::backward_bytes_received(bool saved) const {
+  if (data_->options.strategy != Strategy::uaa) return 0;
+  return detail::backward_program(*data_).bytes_received(saved);
+}
+std::int64_t Plan::saved_bytes() const {
+  return data_->options.strategy == Strategy::uaa ? data_->forward.stage_in_bytes : 0;
+}
 std::int64_t Plan::bytes_received() const { return data_->forward.bytes_received(); }
 
 const char* strategy_name(Strategy s) {

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,9 @@ struct PlanData {
   std::vector<std::int64_t> q_start, kv_start;  // prefix sums (size ranks + 1)
   std::vector<RankWork> work;  // uaa's split, per rank (filled for every strategy)
   Program forward;             // this rank's forward program for the plan's strategy
+  // This rank's backward program (uaa strategy), compiled on first use: backward_program().
+  mutable std::once_flag backward_once;
+  mutable std::unique_ptr<const BackwardProgram> backward;
   std::uint64_t fingerprint = 0;
   std::shared_ptr<Communicator> comm;
   // A problem found on this rank only while building (Plan::from_lengths: e.g. this process's
@@ -30,6 +34,13 @@ struct PlanData {
   ErrorCode error_code = ErrorCode::internal;
   std::string error_message;
 };
+
+// The plan's backward program, compiled on first use (thread-safe; throws std::bad_alloc).
+// Precondition: the uaa strategy.
+const BackwardProgram& backward_program(const PlanData& plan);
+
+// The generators' view of a plan.
+Geometry geometry_of(const PlanData& plan);
 
 // The data behind a plan (internal access; the public Plan exposes read-only properties).
 const PlanData& plan_data(const Plan& plan);

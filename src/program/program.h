@@ -31,10 +31,19 @@
 
 namespace uaa::detail {
 
-enum class Slot : std::uint8_t { q, k, v, out, lse, stage_in, stage_out, pad };
+// Backward calls add the caller's dout/dq/dk/dv tensors, `delta` (this rank's rowsum(dO∘O),
+// [q_tokens][q_heads] floats, addressed like lse) and `saved` (the forward's stage_in kept for the
+// backward: a SavedForward, or in recompute mode a workspace area filled again by the backward).
+enum class Slot : std::uint8_t {
+  q, k, v, out, lse, stage_in, stage_out, pad, dout, dq, dk, dv, delta, saved
+};
 const char* slot_name(Slot s);
-inline bool is_tensor(Slot s) { return s <= Slot::lse; }
-inline bool is_staging(Slot s) { return s == Slot::stage_in || s == Slot::stage_out; }
+inline bool is_tensor(Slot s) { return s <= Slot::lse || (s >= Slot::dout && s <= Slot::delta); }
+inline bool is_staging(Slot s) {
+  return s == Slot::stage_in || s == Slot::stage_out || s == Slot::saved;
+}
+// Caller tensors whose rows are one float per head (token stride in floats, head stride 1).
+inline bool is_row_stat(Slot s) { return s == Slot::lse || s == Slot::delta; }
 
 // 32 bytes and a Part 80: a rank's program lists O(P) parts, and at 65,536 ranks their size is most
 // of what building a plan costs (memory first touched; narrower fields measured ~10% faster).
@@ -112,6 +121,52 @@ struct Program {
   std::int64_t bytes_received() const { return in.bytes_from_peers() + out.bytes_from_peers(); }
 };
 
+// The backward call of one rank (uaa strategy; docs/ARCHITECTURE.md "Backward").
+//
+//   in      dO, lse and delta rows of the rank's work (recompute mode: also the forward's q/k/v
+//           rows, into `saved` at the forward's stage_in offsets)
+//   phase1  kernels of every piece that needs no carry
+//   carry1  send the partial dK/dV sums of a head whose later rows the next rank holds (when the
+//           piece that ends early ran in phase1); receive the one this rank continues
+//   phase2  the piece that continues a head from the received partial sums
+//   carry2  send a partial sum produced in phase2 (a rank whose rows lie inside one head)
+//   out     dQ rows to the token owners; each completed head's dK/dV sums, sliced by key owner
+//   reduce  on the key owner: per kv head, the sum over its q heads in ascending order -> dk/dv
+struct BackwardQuerySegment {
+  Place q, dout, lse, delta, dq;
+  std::int64_t tokens = 0;
+  std::int64_t dense_heads = 0;  // staging places: heads per dense row
+};
+struct BackwardStep {
+  std::int64_t q_head_begin = 0, q_heads = 0, kv_head_begin = 0;
+  std::int64_t q_first = 0, q_total = 0, kv_total = 0;
+  bool causal = false;
+  std::vector<BackwardQuerySegment> q;
+  std::vector<KeySegment> kv;
+  // fp32 [q_heads][kv_total][head_dim] partial sums (stage_out) and the optional carry for head 0
+  // ([kv_total][head_dim] fp32 in stage_in; pad: none).
+  Place dk_partial, dv_partial, dk_carry, dv_carry;
+};
+// One term of the canonical dK/dV sum: fp32 [kv_tokens][head_dim] blocks of one q head.
+struct ReduceTerm {
+  Place dk, dv;
+};
+struct ReduceStep {
+  std::int64_t kv_tokens = 0;  // this rank's
+  // Terms of kv head g: terms[term_begin[g] .. term_begin[g + 1]), in ascending q head order.
+  std::vector<std::uint32_t> term_begin;
+  std::vector<ReduceTerm> terms;
+};
+struct BackwardProgram {
+  ExchangeStep in_saved, in_recompute, carry1, carry2, out;
+  std::vector<BackwardStep> phase1, phase2;
+  ReduceStep reduce;
+  std::int64_t stage_in_bytes = 0, stage_out_bytes = 0, saved_bytes = 0;
+  std::int64_t pack_bytes = 0, unpack_bytes = 0;  // the largest of its exchanges (finalize)
+  std::int64_t bytes_sent(bool saved) const;
+  std::int64_t bytes_received(bool saved) const;
+};
+
 // What a generator needs of a plan (all ranks' lengths; normalized shape).
 struct Geometry {
   std::vector<std::int64_t> q_lens, kv_lens;
@@ -125,11 +180,16 @@ struct RankWork;
 Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work, int rank);
 Program compile_padded_forward(const Geometry& g, int rank);  // ulysses and ulysses_pad
 Program compile_allgather_kv_forward(const Geometry& g, int rank);
+BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWork>& work, int rank);
 
 // Fills the derived sizes of a generated program (every generator ends with it).
 void finalize(Program& p);
+void finalize(BackwardProgram& p);
+// Bytes the message executor packs (send) or unpacks (receive) for one exchange step.
+std::int64_t packed_need(const ExchangeStep& s, bool send);
 
 // A readable dump of a program (tests print it on failure; `uaa plan --program` shows it).
 std::string describe(const Program& p);
+std::string describe(const BackwardProgram& p);
 
 }  // namespace uaa::detail

@@ -74,6 +74,26 @@ TEST(Args, RejectsBadInput) {
   expect_error({"--seq", "4", "--heads", "2", "--load="}, "needs a directory");
 }
 
+TEST(Args, Backward) {
+  RunOptions o = parse({"--seq", "10", "--heads", "3", "--backward"});
+  EXPECT_TRUE(o.backward);
+  EXPECT_TRUE(o.backward_saved);  // the default mode
+  o = parse({"--seq", "10", "--heads", "3", "--backward", "--backward-mode", "recompute"});
+  EXPECT_TRUE(o.backward);
+  EXPECT_FALSE(o.backward_saved);
+  o = parse({"--seq", "10", "--heads", "3", "--backward", "--backward-mode=saved"});
+  EXPECT_TRUE(o.backward_saved);
+  EXPECT_FALSE(parse({"--seq", "10", "--heads", "3"}).backward);
+  expect_error({"--seq", "4", "--heads", "2", "--backward", "--backward-mode", "both"},
+               "--backward-mode: 'both' is not one of saved, recompute");
+  expect_error({"--seq", "4", "--heads", "2", "--backward-mode", "saved"},
+               "--backward-mode needs --backward");
+  expect_error({"--seq", "4", "--heads", "2", "--backward", "--strategy", "ulysses_pad"},
+               "--backward needs --strategy uaa");
+  expect_error({"--seq", "4", "--heads", "2", "--backward=1"}, "takes no value");
+  expect_error({"--seq", "4", "--heads", "2", "--backward", "--backward"}, "more than once");
+}
+
 TEST(Args, EvenSplit) {
   EXPECT_EQ(uaa::cli::even_split(10, 4), (std::vector<std::int64_t>{3, 3, 2, 2}));
   EXPECT_EQ(uaa::cli::even_split(2, 3), (std::vector<std::int64_t>{1, 1, 0}));

@@ -37,6 +37,13 @@ TEST(ToolOptions, DigestIsEqualForEqualMeaningAndDiffersOtherwise) {
   EXPECT_NE(options_digest(a), options_digest(parse({"--lens", "1,2", "--heads", "4", "--iters", "2"})));
   EXPECT_NE(options_digest(a), options_digest(parse({"--lens", "1,2", "--heads", "4", "--iters", "3", "--check"})));
   EXPECT_NE(options_digest(a), options_digest(parse({"--lens", "12", "--heads", "4", "--iters", "3"})));
+  // --backward and its mode take part; the default mode and the explicit default are one run.
+  const auto bwd = parse({"--lens", "1,2", "--heads", "4", "--iters", "3", "--backward"});
+  EXPECT_NE(options_digest(a), options_digest(bwd));
+  EXPECT_EQ(options_digest(bwd), options_digest(parse({"--lens", "1,2", "--heads", "4", "--iters", "3",
+                                                       "--backward", "--backward-mode", "saved"})));
+  EXPECT_NE(options_digest(bwd), options_digest(parse({"--lens", "1,2", "--heads", "4", "--iters", "3",
+                                                       "--backward", "--backward-mode", "recompute"})));
   // The default and the explicit default mean the same run.
   EXPECT_EQ(options_digest(parse({"--seq", "8", "--heads", "2"})),
             options_digest(parse({"--seq", "8", "--heads", "2", "--iters", "1", "--dtype", "f32"})));
@@ -48,7 +55,8 @@ TEST(ToolOptions, CanonicalListNamesEveryOption) {
   for (const OptionValue& v : opts) names.push_back(v.name);
   for (const char* n : {"--lens", "--seq", "--kv-lens", "--kv-seq", "--heads", "--kv-heads",
                         "--head-dim", "--dtype", "--causal", "--strategy", "--iters", "--seed",
-                        "--check", "--load", "--save", "--json", "--help"})
+                        "--check", "--backward", "--backward-mode", "--load", "--save", "--json",
+                        "--help"})
     EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
   EXPECT_EQ(opts[0].value, "1,2");
   EXPECT_TRUE(opts[0].given);

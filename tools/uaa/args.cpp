@@ -32,19 +32,34 @@ Shape:
   --causal             causal mask (bottom-right aligned when query and key counts differ)
   --strategy NAME      uaa (default), ulysses, ulysses_pad or allgather_kv (see uaa/plan.h)
 Run:
-  --iters N            timed forward() calls (default 1; with N > 1 one untimed warm-up call first)
+  --iters N            timed forward() calls (default 1; with N > 1 one untimed warm-up call first;
+                       with --backward each is followed by a timed backward() call)
   --seed S             data seed (default 1)
   --check              compare with a single-rank run (bitwise) and a float64 reference (rank 0);
                        exit status 1 if the outputs are not bitwise equal, if an output value is
-                       NaN/Inf where the reference is finite, or if the inputs hold NaN/Inf.
+                       NaN/Inf where the reference is finite, or if the inputs hold NaN/Inf
+                       (with --backward: the same for each of dq, dk and dv, and for dO).
                        The other ranks wait under the deadline: rank 0 works in slices of about
-                       0.5 s between agreements, but its single-rank forward() is one piece
-  --load DIR           read DIR/q.npy [Sq,Hq,D], DIR/k.npy and DIR/v.npy [Skv,Hkv,D] (float32)
+                       0.5 s between agreements, but its single-rank forward() (and backward())
+                       is one piece
+  --backward           after each forward(), run backward() (uaa/backward.h) with a gradient dO
+                       of the output (deterministic from --seed, or DIR/dout.npy with --load);
+                       the plan is built with return_lse. Needs --strategy uaa. Times its phases
+                       ("backward" in the report); with --check, checks dq, dk and dv as the
+                       output (bitwise vs a single-rank forward+backward, max_abs_err vs the
+                       float64 reference backward); with --save, also writes dq/dk/dv/dout.npy
+  --backward-mode M    saved (default: forward() keeps the q/k/v rows it received in a
+                       SavedForward, the backward moves only dO in and dQ/dK/dV out) or
+                       recompute (no SavedForward: the backward moves q/k/v rows in again)
+  --load DIR           read DIR/q.npy [Sq,Hq,D], DIR/k.npy and DIR/v.npy [Skv,Hkv,D] (float32);
+                       with --backward also DIR/dout.npy [Sq,Hq,D] (required then)
   --save DIR           write DIR/q.npy, k.npy, v.npy (the inputs the kernel saw, as float32: bf16
-                       values rounded) and DIR/out.npy, on rank 0. All files or none: each is
-                       written to a temporary name and renamed only when all are complete; DIR
-                       is checked (created, writable) before the run. When DIR is the --load
-                       directory only out.npy is written: the inputs are never overwritten
+                       values rounded) and DIR/out.npy, on rank 0; with --backward also
+                       DIR/dout.npy (the dO used) and DIR/dq.npy, dk.npy, dv.npy. All files or
+                       none: each is written to a temporary name and renamed only when all are
+                       complete; DIR is checked (created, writable) before the run. When DIR is
+                       the --load directory only the outputs (out.npy, and dq/dk/dv.npy) are
+                       written: the inputs are never overwritten
   --json               print one JSON object on one line (rank 0, stdout)
   --help               this text
 
@@ -54,9 +69,13 @@ arguments are wrong or differ from rank 0's stops every rank with one error nami
 Timings: per phase, the median over the timed calls on each rank, then the maximum over ranks
 ("handshake" is the call's agreement). The report names every rank's kernel and the data path of
 the calls: data_path peer_memory (single-copy reads/writes of the peers' memory) or messages.
+With --backward, the backward's phases (handshake, prepare, exchange_in, kernel, carry,
+exchange_out, reduce, total; same median/max), its bytes sent/received per rank for the mode
+(max over ranks) and Plan::saved_bytes() follow; backward() exchanges by messages.
 
 Memory: before allocating, every rank compares what it needs (its tensors, the plan's staging,
-pack/unpack buffers, and on rank 0 the --check/--save buffers) with what it may use: the cgroup
+pack/unpack buffers, with --backward the gradients, the SavedForward and an estimate of the
+backward's workspace, and on rank 0 the --check/--save buffers) with what it may use: the cgroup
 limit minus usage (v2 memory.max, v1 memory.limit_in_bytes) or /proc/meminfo MemAvailable, shared
 by the job's ranks on the node. If a rank lacks memory, every rank stops with one error naming it.
 
@@ -138,6 +157,8 @@ std::vector<OptionValue> canonical_options(const RunOptions& o) {
   valued("--iters", true, std::to_string(o.iters));
   valued("--seed", true, std::to_string(o.seed));
   flag("--check", o.check);
+  flag("--backward", o.backward);
+  valued("--backward-mode", true, o.backward_saved ? "saved" : "recompute");
   valued("--load", !o.load_dir.empty(), o.load_dir);
   valued("--save", !o.save_dir.empty(), o.save_dir);
   flag("--json", o.json);
@@ -183,10 +204,10 @@ RunOptions parse_run_args(std::span<const char* const> args) {
       value = arg.substr(eq + 1);
       inline_value = true;
     }
-    static const std::set<std::string> flags = {"--causal", "--check", "--json"};
+    static const std::set<std::string> flags = {"--causal", "--check", "--backward", "--json"};
     static const std::set<std::string> valued = {
-        "--lens", "--seq",  "--kv-lens", "--kv-seq", "--heads", "--kv-heads", "--head-dim",
-        "--dtype", "--iters", "--seed",  "--load",   "--save", "--strategy"};
+        "--lens",  "--seq",   "--kv-lens", "--kv-seq", "--heads",    "--kv-heads",     "--head-dim",
+        "--dtype", "--iters", "--seed",    "--load",   "--save",     "--strategy", "--backward-mode"};
     if (flags.count(name)) {
       if (inline_value) throw ArgError(name + " takes no value");
     } else if (valued.count(name)) {
@@ -201,6 +222,7 @@ RunOptions parse_run_args(std::span<const char* const> args) {
 
     if (name == "--causal") o.causal = true;
     else if (name == "--check") o.check = true;
+    else if (name == "--backward") o.backward = true;
     else if (name == "--json") o.json = true;
     else if (name == "--lens") o.lens = parse_int_list(name, value);
     else if (name == "--kv-lens") o.kv_lens = parse_int_list(name, value);
@@ -223,6 +245,10 @@ RunOptions parse_run_args(std::span<const char* const> args) {
     } else if (name == "--strategy") {
       if (!parse_strategy(value, &o.strategy))
         throw ArgError("--strategy: '" + value + "' is not one of uaa, ulysses, ulysses_pad, allgather_kv");
+    } else if (name == "--backward-mode") {
+      if (value == "saved") o.backward_saved = true;
+      else if (value == "recompute") o.backward_saved = false;
+      else throw ArgError("--backward-mode: '" + value + "' is not one of saved, recompute");
     } else if (name == "--load" || name == "--save") {
       if (value.empty()) throw ArgError(name + " needs a directory");
       (name == "--load" ? o.load_dir : o.save_dir) = value;
@@ -234,6 +260,11 @@ RunOptions parse_run_args(std::span<const char* const> args) {
   if (!o.lens && !o.seq && o.load_dir.empty())
     throw ArgError("give the query tokens with --lens or --seq (or --load a directory)");
   if (!o.heads && o.load_dir.empty()) throw ArgError("--heads is required (or --load a directory)");
+  if (seen.count("--backward-mode") && !o.backward)
+    throw ArgError("--backward-mode needs --backward");
+  if (o.backward && o.strategy != Strategy::uaa)
+    throw ArgError(std::string("--backward needs --strategy uaa (backward() runs the uaa strategy "
+                               "only; --strategy is ") + strategy_name(o.strategy) + ")");
   return o;
 }
 

@@ -31,6 +31,8 @@ struct RunOptions {
   std::int64_t iters = 1;
   std::uint64_t seed = 1;
   bool check = false;
+  bool backward = false;        // --backward: a backward() call after each forward()
+  bool backward_saved = true;   // --backward-mode saved (true) | recompute (false)
   std::string load_dir, save_dir;
   bool json = false;
   bool help = false;
@@ -40,11 +42,12 @@ struct RunOptions {
 RunOptions parse_run_args(std::span<const char* const> args);
 
 // Every option in a fixed order with its effective value, for agreeing across ranks and naming
-// the first difference. Options with defaults (--dtype, --strategy, --iters, --seed) always hold
-// their value; unset ones have given = false; flags have given = the flag.
+// the first difference. Options with defaults (--dtype, --strategy, --iters, --seed,
+// --backward-mode) always hold their value; unset ones have given = false; flags have given = the
+// flag.
 struct OptionValue {
   std::string name;   // "--iters"
-  bool flag = false;  // --causal, --check, --json, --help
+  bool flag = false;  // --causal, --check, --backward, --json, --help
   bool given = false;
   std::string value;  // canonical text ("1,2,3", "f32"); empty for flags and unset options
 };

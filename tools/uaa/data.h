@@ -8,7 +8,8 @@
 
 namespace uaa::cli {
 
-enum TensorId : int { kQ = 0, kK = 1, kV = 2 };
+// kDout: the gradient of the output that `uaa run --backward` feeds to backward().
+enum TensorId : int { kQ = 0, kK = 1, kV = 2, kDout = 3 };
 
 // A value in [-1, 1) that depends only on (seed, tensor, global token, head, dim): every rank makes
 // exactly its own shard, and any split of the tokens sees the same global tensors.

@@ -1,6 +1,9 @@
 // `uaa run`: builds a plan for the given layout, runs forward() over MPI_COMM_WORLD, reports phase
 // timings, every rank's kernel and the data path (peer memory or messages, from uaa::last_call)
 // and, with --check, compares against a single-rank run (bitwise) and a float64 reference.
+// --backward follows each forward() with a backward() (saved or recompute mode) on a dO from the
+// seed or DIR/dout.npy, reports its phases and bytes, and with --check compares dq/dk/dv the same
+// way (a single-rank forward+backward, the float64 reference backward per kv head).
 //
 // Failure handling (docs/FAILURE_MODEL.md, section 9):
 //  - Every rank parses its own argv; the ranks then agree on a digest of the options (control.h),
@@ -26,6 +29,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "args.h"
@@ -104,9 +108,10 @@ struct Setup {
   std::vector<std::int64_t> lens, kv_lens;
   std::int64_t q_total = 0, kv_total = 0;
   bool from_files = false;
-  std::string paths[3];
-  npy::Header headers[3];
-  // --save (decided on rank 0): the files written; only out.npy when --save is the --load dir.
+  std::string paths[4];  // by TensorId: q, k, v, and dout (--backward only)
+  npy::Header headers[4];
+  // --save (decided on rank 0): the files written; only the outputs (out.npy, and with --backward
+  // dq/dk/dv.npy) when --save is the --load dir.
   std::vector<std::string> save_names;
   bool save_outputs_only = false;
 };
@@ -140,6 +145,20 @@ Setup resolve(const RunOptions& o, int ranks) {
     agree_flag("--heads", o.heads, q[1], s.paths[0] + " has heads");
     agree_flag("--kv-heads", o.kv_heads, k[1], s.paths[1] + " has heads");
     agree_flag("--head-dim", o.head_dim, q[2], s.paths[0] + " has head_dim");
+    if (o.backward) {
+      // dO of the backward: required, the shape of q.npy.
+      s.paths[kDout] = (std::filesystem::path(o.load_dir) / "dout.npy").string();
+      const std::string need = cat("--backward with --load needs ", s.paths[kDout],
+                                   " (dO, the gradient of out: float32 [Sq, Hq, D] like q.npy)");
+      try {
+        s.headers[kDout] = npy::read_header(s.paths[kDout]);
+      } catch (const Error& e) {
+        throw ArgError(cat(need, ": ", e.what()));
+      }
+      if (s.headers[kDout].shape != q)
+        throw ArgError(cat(need, ": its shape ", npy::shape_string(s.headers[kDout].shape),
+                           " differs from q.npy's ", npy::shape_string(q)));
+    }
     s.heads = q[1];
     s.kv_heads = k[1];
     s.head_dim = q[2];
@@ -197,13 +216,19 @@ void prepare_save(const RunOptions& o, Setup& s) {
   std::filesystem::create_directories(o.save_dir, ec);  // errors: prepare_dir says
   s.save_outputs_only =
       !o.load_dir.empty() && std::filesystem::equivalent(o.load_dir, o.save_dir, ec) && !ec;
-  s.save_names = s.save_outputs_only ? std::vector<std::string>{"out.npy"}
-                                     : std::vector<std::string>{"q.npy", "k.npy", "v.npy", "out.npy"};
+  s.save_names.clear();
+  if (!s.save_outputs_only) {
+    s.save_names = {"q.npy", "k.npy", "v.npy"};
+    if (o.backward) s.save_names.push_back("dout.npy");
+  }
+  s.save_names.push_back("out.npy");
+  if (o.backward)
+    for (const char* n : {"dq.npy", "dk.npy", "dv.npy"}) s.save_names.push_back(n);
   AtomicSave::prepare_dir(o.save_dir, s.save_names);
 }
 
-// Fills rows [at, at + n) of `dst` with tokens [first, first + n) of tensor t (kQ, kK, kV), and the
-// same values as float32 (bf16-rounded for bf16) into f32_copy + at * row, when given.
+// Fills rows [at, at + n) of `dst` with tokens [first, first + n) of tensor t (kQ, kK, kV, kDout),
+// and the same values as float32 (bf16-rounded for bf16) into f32_copy + at * row, when given.
 void fill_rows(const Setup& s, const RunOptions& o, int t, std::int64_t first, std::int64_t n,
                HostTensor& dst, std::int64_t at, float* f32_copy) {
   const std::int64_t row = dst.row_elements();
@@ -258,12 +283,26 @@ struct RankRecord {
 };
 static_assert(sizeof(RankRecord) == 128);
 
+// --backward: the phases of BackwardTimes, and what every rank reports of them (one all-gather).
+constexpr int kBackwardPhases = 8;
+constexpr const char* kBackwardPhaseNames[kBackwardPhases] = {
+    "handshake", "prepare", "exchange_in", "kernel", "carry", "exchange_out", "reduce", "total"};
+struct BackwardRecord {
+  double ms[kBackwardPhases];
+  std::int64_t bytes_sent, bytes_received, saved_bytes;
+  char kernel[40];
+};
+static_assert(sizeof(BackwardRecord) == 128);
+
 // Vote flags of the rank-0 work of --check/--save (only rank 0 sets them).
 constexpr std::uint16_t kMoreWork = 1;
 constexpr std::uint16_t kNotBitwise = 2;
 constexpr std::uint16_t kNonFiniteOutput = 4;
 constexpr std::uint16_t kNonFiniteInput = 8;
-constexpr std::uint16_t kCheckFailed = kNotBitwise | kNonFiniteOutput | kNonFiniteInput;
+constexpr std::uint16_t kGradientNotBitwise = 16;
+constexpr std::uint16_t kNonFiniteGradient = 32;
+constexpr std::uint16_t kCheckFailed = kNotBitwise | kNonFiniteOutput | kNonFiniteInput |
+                                       kGradientNotBitwise | kNonFiniteGradient;
 
 // Rank 0 runs its --check/--save work in slices of about this long, agreeing with the others in
 // between, so that nobody waits on it for longer than a slice (the deadline holds).
@@ -273,15 +312,35 @@ constexpr std::int64_t kPieceElements = std::int64_t{1} << 22;
 // Bytes of float64 reference rows computed at once.
 constexpr std::int64_t kReferenceBytes = std::int64_t{64} << 20;
 
+// --check of one gradient (--backward): dq, dk or dv.
+struct GradientCheck {
+  bool bitwise_equal = false;       // with the single-rank forward+backward
+  double max_abs_err = 0;           // vs the float64 reference backward, over the finite elements
+  std::int64_t compared = 0;
+  std::int64_t nonfinite = 0;       // NaN/Inf where the reference is finite
+  std::string first_nonfinite;      // "token 3, head 0, dim 5: nan (reference 0.25)"
+  bool passed() const { return bitwise_equal && nonfinite == 0; }
+};
+constexpr int kGradients = 3;
+constexpr const char* kGradientNames[kGradients] = {"dq", "dk", "dv"};
+
 struct CheckResult {
   bool bitwise_equal = false;
   double max_abs_err = 0;           // over the elements finite in both the output and the reference
   std::int64_t compared = 0;        // those elements
   std::int64_t nonfinite_outputs = 0;  // output NaN/Inf where the reference is finite
   std::string first_nonfinite_output;  // "token 3, head 0, dim 5: nan (reference 0.25)"
-  std::int64_t nonfinite_inputs = 0;
+  std::int64_t nonfinite_inputs = 0;   // q, k, v (and dout with --backward)
   std::string first_nonfinite_input;   // "q token 0, head 0, dim 5: nan"
-  bool passed() const { return bitwise_equal && nonfinite_outputs == 0 && nonfinite_inputs == 0; }
+  bool backward = false;
+  GradientCheck gradients[kGradients];  // --backward: dq, dk, dv
+  bool forward_passed() const { return bitwise_equal && nonfinite_outputs == 0 && nonfinite_inputs == 0; }
+  bool backward_passed() const {
+    for (const GradientCheck& g : gradients)
+      if (!g.passed()) return false;
+    return nonfinite_inputs == 0;
+  }
+  bool passed() const { return forward_passed() && (!backward || backward_passed()); }
 };
 
 std::string position(std::int64_t index, std::int64_t heads, std::int64_t dim) {
@@ -332,37 +391,67 @@ std::uint16_t run_sliced(ToolControl& ctl, const char* step, Tasks& tasks, Progr
   }
 }
 
-// Whether rank 0 builds the whole inputs: for --check, and for --save unless only out.npy is saved.
+// Whether rank 0 builds the whole inputs: for --check, and for --save unless only the outputs are
+// saved.
 bool rank0_needs_inputs(const RunOptions& o, const Setup& s) {
   return o.check || (!o.save_dir.empty() && !s.save_outputs_only);
+}
+
+// What rank 0 gathers of every rank for --check/--save: the output and (--backward) the gradients.
+struct Gathered {
+  HostTensor out, dq, dk, dv;
+};
+
+// One piece of the float64 reference backward of --check: about this many (query row, q head, key,
+// dim) steps, each a handful of multiply-adds (about 0.5 s at most).
+constexpr double kReferenceBackwardWork = 5e7;
+
+// Query rows per piece of the float64 reference backward of one kv head (`group` q heads).
+std::int64_t reference_backward_rows(const Setup& s) {
+  const std::int64_t group = s.heads / std::max<std::int64_t>(s.kv_heads, 1);
+  const std::int64_t row = std::max<std::int64_t>(group * s.head_dim, 1);
+  const std::int64_t by_bytes = std::max<std::int64_t>(1, kReferenceBytes / (row * 8));
+  const std::int64_t by_work = std::max<std::int64_t>(
+      1, static_cast<std::int64_t>(kReferenceBackwardWork /
+                                   (static_cast<double>(row) *
+                                    static_cast<double>(std::max<std::int64_t>(s.kv_total, 1)))));
+  return std::min(by_bytes, by_work);
 }
 
 // Rank 0's part of --check/--save, as a queue of bounded tasks.
 class Rank0Work {
  public:
-  Rank0Work(const RunOptions& o, const Setup& s, const AttentionShape& shape, HostTensor& gathered,
+  Rank0Work(const RunOptions& o, const Setup& s, const AttentionShape& shape, Gathered& gathered,
             std::optional<Plan>& single)
-      : o_(o), s_(s), shape_(shape), gathered_(gathered), single_plan_(single) {
+      : o_(o), s_(s), shape_(shape), g_(gathered), single_plan_(single) {
     const bool bf16 = o.dtype == DType::bf16;
     const bool need_inputs = rank0_needs_inputs(o, s);
-    add("allocating the whole inputs", [this, bf16, need_inputs] {
+    const bool bwd = o.backward;
+    add("allocating the whole inputs", [this, bf16, need_inputs, bwd] {
       if (need_inputs) {
         q_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
         k_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
         v_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
+        if (bwd) dout_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
       }
       if (bf16) {
         qf_.resize(static_cast<std::size_t>(q_.elements()));
         kf_.resize(static_cast<std::size_t>(k_.elements()));
         vf_.resize(static_cast<std::size_t>(v_.elements()));
-        of_.resize(static_cast<std::size_t>(gathered_.elements()));
+        doutf_.resize(static_cast<std::size_t>(dout_.elements()));
+        of_.resize(static_cast<std::size_t>(g_.out.elements()));
+        dqf_.resize(static_cast<std::size_t>(g_.dq.elements()));
+        dkf_.resize(static_cast<std::size_t>(g_.dk.elements()));
+        dvf_.resize(static_cast<std::size_t>(g_.dv.elements()));
       }
     });
-    const std::pair<HostTensor*, std::vector<float>*> inputs[3] = {{&q_, &qf_}, {&k_, &kf_}, {&v_, &vf_}};
-    const char* names[3] = {"q", "k", "v"};
-    for (int t = 0; t < 3 && need_inputs; ++t) {
-      const std::int64_t tokens = t == kQ ? s.q_total : s.kv_total;
-      const std::int64_t row = (t == kQ ? s.heads : s.kv_heads) * s.head_dim;
+    const std::pair<HostTensor*, std::vector<float>*> inputs[4] = {
+        {&q_, &qf_}, {&k_, &kf_}, {&v_, &vf_}, {&dout_, &doutf_}};
+    const char* names[4] = {"q", "k", "v", "dout"};
+    for (int t = 0; t < (bwd ? 4 : 3) && need_inputs; ++t) {
+      const bool q_like = t == kQ || t == kDout;
+      const std::int64_t tokens = q_like ? s.q_total : s.kv_total;
+      const std::int64_t row = (q_like ? s.heads : s.kv_heads) * s.head_dim;
       const std::int64_t step = std::max<std::int64_t>(1, kPieceElements / std::max<std::int64_t>(row, 1));
       for (std::int64_t a = 0; a < tokens; a += step) {
         const std::int64_t n = std::min(step, tokens - a);
@@ -373,9 +462,13 @@ class Rank0Work {
       }
     }
     if (bf16) {
-      add("converting the output to float32", [this] {
-        const auto* p = static_cast<const std::uint16_t*>(gathered_.data());
-        for (std::size_t i = 0; i < of_.size(); ++i) of_[i] = f32_from_bf16(p[i]);
+      add("converting the outputs to float32", [this] {
+        const std::pair<const HostTensor*, std::vector<float>*> outs[4] = {
+            {&g_.out, &of_}, {&g_.dq, &dqf_}, {&g_.dk, &dkf_}, {&g_.dv, &dvf_}};
+        for (const auto& [t, f] : outs) {
+          const auto* p = static_cast<const std::uint16_t*>(t->data());
+          for (std::size_t i = 0; i < f->size(); ++i) (*f)[i] = f32_from_bf16(p[i]);
+        }
       });
     }
     if (!o.save_dir.empty()) add_save();
@@ -391,31 +484,50 @@ class Rank0Work {
     if (!result_.bitwise_equal) f |= kNotBitwise;
     if (result_.nonfinite_outputs) f |= kNonFiniteOutput;
     if (result_.nonfinite_inputs) f |= kNonFiniteInput;
+    if (o_.backward)
+      for (const GradientCheck& g : result_.gradients) {
+        if (!g.bitwise_equal) f |= kGradientNotBitwise;
+        if (g.nonfinite) f |= kNonFiniteGradient;
+      }
     return f;
   }
 
  private:
   void add(std::string what, std::function<void()> f) { tasks_.add(std::move(what), std::move(f)); }
 
-  const float* qf() const { return q_.f32() ? q_.f32() : qf_.data(); }
-  const float* kf() const { return k_.f32() ? k_.f32() : kf_.data(); }
-  const float* vf() const { return v_.f32() ? v_.f32() : vf_.data(); }
-  const float* of() const { return gathered_.f32() ? gathered_.f32() : of_.data(); }
+  static const float* f32_of(const HostTensor& t, const std::vector<float>& copy) {
+    return t.f32() ? t.f32() : copy.data();
+  }
+  const float* qf() const { return f32_of(q_, qf_); }
+  const float* kf() const { return f32_of(k_, kf_); }
+  const float* vf() const { return f32_of(v_, vf_); }
+  const float* doutf() const { return f32_of(dout_, doutf_); }
+  const float* of() const { return f32_of(g_.out, of_); }
+  const float* gradf(int i) const {
+    return i == 0 ? f32_of(g_.dq, dqf_) : i == 1 ? f32_of(g_.dk, dkf_) : f32_of(g_.dv, dvf_);
+  }
+
+  // The float32 values saved as `name`.
+  const float* save_data(const std::string& name) const {
+    if (name == "q.npy") return qf();
+    if (name == "k.npy") return kf();
+    if (name == "v.npy") return vf();
+    if (name == "dout.npy") return doutf();
+    if (name == "dq.npy") return gradf(0);
+    if (name == "dk.npy") return gradf(1);
+    if (name == "dv.npy") return gradf(2);
+    return of();
+  }
 
   void add_save() {
     saver_ = std::make_unique<AtomicSave>(o_.save_dir);
     const std::int64_t qs[3] = {s_.q_total, s_.heads, s_.head_dim};
     const std::int64_t ks[3] = {s_.kv_total, s_.kv_heads, s_.head_dim};
     for (const std::string& name : s_.save_names) {
-      const bool is_q_shape = name == "q.npy" || name == "out.npy";
+      // [Sq, Hq, D]: q, out, dout, dq; [Skv, Hkv, D]: k, v, dk, dv.
+      const bool is_q_shape = name == "q.npy" || name == "out.npy" || name == "dout.npy" || name == "dq.npy";
       const std::int64_t* shape = is_q_shape ? qs : ks;
       const std::int64_t total = shape[0] * shape[1] * shape[2];
-      auto data = [this, name]() -> const float* {
-        if (name == "q.npy") return qf();
-        if (name == "k.npy") return kf();
-        if (name == "v.npy") return vf();
-        return of();
-      };
       auto index = std::make_shared<int>(-1);
       add(cat("--save: writing ", name), [this, name, index, qs, ks, is_q_shape] {
         *index = saver_->open(name, std::span<const std::int64_t>(is_q_shape ? qs : ks, 3));
@@ -423,19 +535,29 @@ class Rank0Work {
       for (std::int64_t a = 0; a < total; a += kPieceElements) {
         const std::int64_t n = std::min(kPieceElements, total - a);
         add(cat("--save: writing ", name, " (", a, "-", a + n, " of ", total, " values)"),
-            [this, index, data, a, n] { saver_->write(*index, data() + a, n); });
+            [this, index, name, a, n] { saver_->write(*index, save_data(name) + a, n); });
       }
     }
     add("--save: renaming the files", [this] { saver_->commit(); });
   }
 
+  static bool same_bytes(const HostTensor& a, const HostTensor& b) {
+    return a.bytes() == b.bytes() &&
+           (a.bytes() == 0 ||
+            std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.bytes())) == 0);
+  }
+
   void add_check() {
-    add("--check: checking that the inputs are finite", [this] {
-      const std::pair<const float*, std::int64_t> ts[3] = {
-          {qf(), q_.elements()}, {kf(), k_.elements()}, {vf(), v_.elements()}};
-      const char* names[3] = {"q", "k", "v"};
-      for (int t = 0; t < 3; ++t) {
-        const std::int64_t heads = t == kQ ? s_.heads : s_.kv_heads;
+    const bool bwd = o_.backward;
+    result_.backward = bwd;
+    add("--check: checking that the inputs are finite", [this, bwd] {
+      const std::pair<const float*, std::int64_t> ts[4] = {{qf(), q_.elements()},
+                                                           {kf(), k_.elements()},
+                                                           {vf(), v_.elements()},
+                                                           {doutf(), dout_.elements()}};
+      const char* names[4] = {"q", "k", "v", "dout"};
+      for (int t = 0; t < (bwd ? 4 : 3); ++t) {
+        const std::int64_t heads = t == kQ || t == kDout ? s_.heads : s_.kv_heads;
         for (std::int64_t i = 0; i < ts[t].second; ++i) {
           if (std::isfinite(ts[t].first[i])) continue;
           if (result_.nonfinite_inputs++ == 0)
@@ -444,21 +566,59 @@ class Rank0Work {
         }
       }
     });
-    add("--check: the single-rank run", [this] {
+    // The single-rank run: forward() and (--backward) backward() are one piece each.
+    add("--check: the single-rank forward()", [this, bwd] {
       const Plan& plan = *single_plan_;
-      single_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
+      single_out_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
+      if (bwd) single_lse_.assign(static_cast<std::size_t>(s_.q_total * s_.heads), 0.0f);
       AttentionArgs a;
       a.q = q_.view();
       a.k = k_.view();
       a.v = v_.view();
-      a.out = single_.view();
-      Workspace ws;
-      forward(plan, a, ws);
-      result_.bitwise_equal =
-          single_.bytes() == 0 || std::memcmp(single_.data(), gathered_.data(),
-                                              static_cast<std::size_t>(single_.bytes())) == 0;
-      single_ = HostTensor();
+      a.out = single_out_.view();
+      a.lse = bwd ? single_lse_.data() : nullptr;
+      single_ws_ = std::make_unique<Workspace>();
+      if (bwd && o_.backward_saved) {
+        single_saved_ = std::make_unique<SavedForward>();
+        forward(plan, a, *single_ws_, *single_saved_);
+      } else {
+        forward(plan, a, *single_ws_);
+      }
+      result_.bitwise_equal = same_bytes(single_out_, g_.out);
+      if (!bwd) {
+        single_out_ = HostTensor();
+        single_ws_.reset();
+      }
     });
+    if (bwd) {
+      add("--check: the single-rank backward()", [this] {
+        const Plan& plan = *single_plan_;
+        HostTensor dq(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
+        HostTensor dk(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
+        HostTensor dv(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
+        BackwardArgs b;
+        b.q = q_.view();
+        b.k = k_.view();
+        b.v = v_.view();
+        b.out = std::as_const(single_out_).view();
+        b.lse = single_lse_.data();
+        b.dout = dout_.view();
+        b.dq = dq.view();
+        b.dk = dk.view();
+        b.dv = dv.view();
+        if (single_saved_)
+          backward(plan, b, *single_ws_, *single_saved_);
+        else
+          backward(plan, b, *single_ws_);
+        result_.gradients[0].bitwise_equal = same_bytes(dq, g_.dq);
+        result_.gradients[1].bitwise_equal = same_bytes(dk, g_.dk);
+        result_.gradients[2].bitwise_equal = same_bytes(dv, g_.dv);
+        single_out_ = HostTensor();
+        single_lse_ = std::vector<float>();
+        single_saved_.reset();
+        single_ws_.reset();
+      });
+    }
     const std::int64_t row = s_.heads * s_.head_dim;
     // Rows per piece: at most kReferenceBytes of float64 output and about 2e8 multiply-adds.
     const std::int64_t by_bytes = std::max<std::int64_t>(1, kReferenceBytes / std::max<std::int64_t>(row * 8, 1));
@@ -471,14 +631,19 @@ class Rank0Work {
       add(cat("--check: float64 reference, query rows ", a, "-", b, " of ", s_.q_total),
           [this, a, b, row] { reference_rows(a, b, row); });
     }
+    if (bwd) add_backward_reference();
+  }
+
+  // Causal masks are bottom-right aligned: rows [a, b) see the keys a call with b queries and
+  // kv_total - (q_total - b) keys would show them (none when that is <= 0).
+  std::int64_t keys_seen_by_rows_before(std::int64_t b) const {
+    if (!shape_.causal) return s_.kv_total;
+    return std::max<std::int64_t>(0, s_.kv_total - (s_.q_total - b));
   }
 
   // The float64 reference of query rows [a, b), compared with the gathered output.
   void reference_rows(std::int64_t a, std::int64_t b, std::int64_t row) {
-    // Causal masks are bottom-right aligned: rows [a, b) see the keys a call with b queries and
-    // kv_total - (q_total - b) keys would show them (none when that is <= 0).
-    std::int64_t kv = s_.kv_total;
-    if (shape_.causal) kv = std::max<std::int64_t>(0, s_.kv_total - (s_.q_total - b));
+    const std::int64_t kv = keys_seen_by_rows_before(b);
     ref_.resize(static_cast<std::size_t>((b - a) * row));
     detail::reference_attention(qf() + a * row, kf(), vf(), b - a, kv, s_.heads, s_.kv_heads,
                                 s_.head_dim, single_plan_->shape().scale, shape_.causal, ref_.data(),
@@ -499,15 +664,115 @@ class Rank0Work {
     }
   }
 
+  // The float64 reference backward, per kv head (its `group` q heads packed contiguously) and per
+  // piece of query rows: dq of the piece is compared at once, dk/dv (sums over every query row)
+  // once the kv head's last piece is done.
+  void add_backward_reference() {
+    const std::int64_t group = s_.heads / s_.kv_heads;
+    const std::int64_t step = reference_backward_rows(s_);
+    for (std::int64_t g = 0; g < s_.kv_heads; ++g) {
+      add(cat("--check: float64 reference backward, kv head ", g, " of ", s_.kv_heads, ": set-up"),
+          [this, g] { backward_head_begin(g); });
+      for (std::int64_t a = 0; a < s_.q_total; a += step) {
+        const std::int64_t b = std::min(s_.q_total, a + step);
+        add(cat("--check: float64 reference backward, kv head ", g, " of ", s_.kv_heads,
+                ", query rows ", a, "-", b, " of ", s_.q_total),
+            [this, g, a, b, group] { backward_rows(g, group, a, b); });
+      }
+      add(cat("--check: float64 reference backward, kv head ", g, " of ", s_.kv_heads, ": dk, dv"),
+          [this, g] { backward_head_end(g); });
+    }
+  }
+
+  // Compares one gradient value with its reference.
+  void compare(int grad, double r, double x, std::int64_t index, std::int64_t heads) {
+    GradientCheck& c = result_.gradients[grad];
+    if (!std::isfinite(r)) return;
+    if (!std::isfinite(x)) {
+      if (c.nonfinite++ == 0)
+        c.first_nonfinite = cat(position(index, heads, s_.head_dim), ": ", float_text(x),
+                                " (reference ", float_text(r), ")");
+      return;
+    }
+    c.max_abs_err = std::max(c.max_abs_err, std::fabs(x - r));
+    ++c.compared;
+  }
+
+  void backward_head_begin(std::int64_t g) {
+    const std::int64_t D = s_.head_dim, n = s_.kv_total * D;
+    kg_.resize(static_cast<std::size_t>(n));
+    vg_.resize(static_cast<std::size_t>(n));
+    for (std::int64_t j = 0; j < s_.kv_total; ++j) {
+      const std::int64_t from = (j * s_.kv_heads + g) * D;
+      std::memcpy(kg_.data() + j * D, kf() + from, static_cast<std::size_t>(D) * sizeof(float));
+      std::memcpy(vg_.data() + j * D, vf() + from, static_cast<std::size_t>(D) * sizeof(float));
+    }
+    dk_acc_.assign(static_cast<std::size_t>(n), 0.0);
+    dv_acc_.assign(static_cast<std::size_t>(n), 0.0);
+    dk_ref_.resize(static_cast<std::size_t>(n));
+    dv_ref_.resize(static_cast<std::size_t>(n));
+  }
+
+  void backward_rows(std::int64_t g, std::int64_t group, std::int64_t a, std::int64_t b) {
+    const std::int64_t D = s_.head_dim, rows = b - a, hrow = group * D;
+    qg_.resize(static_cast<std::size_t>(rows * hrow));
+    dog_.resize(static_cast<std::size_t>(rows * hrow));
+    dq_ref_.resize(static_cast<std::size_t>(rows * hrow));
+    const std::int64_t first = g * group * D, row = s_.heads * D;
+    for (std::int64_t i = 0; i < rows; ++i) {
+      std::memcpy(qg_.data() + i * hrow, qf() + (a + i) * row + first,
+                  static_cast<std::size_t>(hrow) * sizeof(float));
+      std::memcpy(dog_.data() + i * hrow, doutf() + (a + i) * row + first,
+                  static_cast<std::size_t>(hrow) * sizeof(float));
+    }
+    const std::int64_t kv = keys_seen_by_rows_before(b);
+    detail::reference_attention_backward(qg_.data(), kg_.data(), vg_.data(), dog_.data(), rows, kv,
+                                         group, 1, D, single_plan_->shape().scale, shape_.causal,
+                                         dq_ref_.data(), dk_ref_.data(), dv_ref_.data());
+    for (std::int64_t i = 0; i < kv * D; ++i) {
+      dk_acc_[static_cast<std::size_t>(i)] += dk_ref_[static_cast<std::size_t>(i)];
+      dv_acc_[static_cast<std::size_t>(i)] += dv_ref_[static_cast<std::size_t>(i)];
+    }
+    const float* dq = gradf(0);
+    for (std::int64_t i = 0; i < rows; ++i)
+      for (std::int64_t e = 0; e < hrow; ++e) {
+        const std::int64_t index = (a + i) * row + first + e;
+        compare(0, dq_ref_[static_cast<std::size_t>(i * hrow + e)], dq[index], index, s_.heads);
+      }
+  }
+
+  void backward_head_end(std::int64_t g) {
+    const std::int64_t D = s_.head_dim;
+    const float* dk = gradf(1);
+    const float* dv = gradf(2);
+    for (std::int64_t j = 0; j < s_.kv_total; ++j)
+      for (std::int64_t d = 0; d < D; ++d) {
+        const std::int64_t index = (j * s_.kv_heads + g) * D + d;
+        compare(1, dk_acc_[static_cast<std::size_t>(j * D + d)], dk[index], index, s_.kv_heads);
+        compare(2, dv_acc_[static_cast<std::size_t>(j * D + d)], dv[index], index, s_.kv_heads);
+      }
+    for (auto* v : {&dk_acc_, &dv_acc_, &dk_ref_, &dv_ref_, &dq_ref_}) *v = std::vector<double>();
+    for (auto* v : {&kg_, &vg_, &qg_, &dog_}) *v = std::vector<float>();
+  }
+
   const RunOptions& o_;
   const Setup& s_;
   const AttentionShape& shape_;
-  HostTensor& gathered_;
+  Gathered& g_;
   std::optional<Plan>& single_plan_;
   Tasks tasks_;
-  HostTensor q_, k_, v_, single_;
-  std::vector<float> qf_, kf_, vf_, of_;  // bf16: the values as float32
+  HostTensor q_, k_, v_, dout_;
+  // bf16: the values as float32.
+  std::vector<float> qf_, kf_, vf_, doutf_, of_, dqf_, dkf_, dvf_;
   std::vector<double> ref_;
+  // The single-rank run (between its forward and backward pieces).
+  HostTensor single_out_;
+  std::vector<float> single_lse_;
+  std::unique_ptr<Workspace> single_ws_;
+  std::unique_ptr<SavedForward> single_saved_;
+  // The reference backward of one kv head: its k/v rows, a piece's q/dout rows, the results.
+  std::vector<float> kg_, vg_, qg_, dog_;
+  std::vector<double> dq_ref_, dk_ref_, dv_ref_, dk_acc_, dv_acc_;
   std::unique_ptr<AtomicSave> saver_;
   CheckResult result_;
 };
@@ -528,6 +793,43 @@ struct MemoryNeed {
   }
 };
 
+// An estimate (an upper bound in practice, not exact) of the workspace one backward() call of
+// `plan` on this rank adds, from the plan's public figures: the staging of dO/lse/delta rows
+// received for the rank's work and of its dQ rows, the fp32 dK/dV partial sums of the q heads it
+// computes over every key (the largest part), the carry and the per-head sums received for the
+// rank's own keys, the message buffers (the backward exchanges by messages; counted as every byte
+// sent and received, where the executor needs the largest exchange's), delta, the kernel's scratch
+// and, in recompute mode, the q/k/v rows received again. Counted on top of the forward's staging
+// although the two share buffers: a buffer that grows holds old and new for a moment.
+std::int64_t backward_workspace_bytes(const Plan& plan, bool saved_mode) {
+  using mem::sat_add;
+  using mem::sat_product;
+  const AttentionShape& sh = plan.shape();
+  const std::int64_t es = static_cast<std::int64_t>(dtype_size(sh.dtype));
+  const std::int64_t D = sh.head_dim, me = plan.rank();
+  const WorkRange w = plan.work(static_cast<int>(me));
+  // (q head, row) pairs of this rank's work (at most q_heads * q_total, which resolve() keeps
+  // far from overflowing), and the q heads they touch.
+  const std::int64_t pairs = std::max<std::int64_t>(
+      0, (w.end_head - w.first_head) * plan.q_total() + (w.end_row - w.first_row));
+  const std::int64_t heads = std::max<std::int64_t>(0, plan.q_head_end(static_cast<int>(me)) -
+                                                           plan.q_head_begin(static_cast<int>(me)));
+  const std::int64_t kvt = plan.kv_total();
+  // Of those, the rows of other ranks' tokens (staged; its own rows are read in place): at most
+  // every row it does not hold, in each head it touches.
+  const std::int64_t foreign = std::min(pairs, heads * (plan.q_total() - plan.q_tokens()));
+  std::int64_t b = sat_product(foreign, sat_add(sat_product(2, D, es), 8));  // dO, lse, delta, dQ rows
+  b = sat_add(b, sat_product(2, heads, kvt, D, 4));                        // dK/dV partial sums
+  b = sat_add(b, sat_product(2, kvt, D, 4));                               // carry
+  b = sat_add(b, sat_product(2, sh.q_heads, plan.kv_tokens(), D, 4));      // per-head sums to reduce
+  b = sat_add(b, sat_add(plan.backward_bytes_sent(saved_mode), plan.backward_bytes_received(saved_mode)));
+  b = sat_add(b, sat_product(plan.q_tokens(), sh.q_heads, 4));             // delta
+  b = sat_add(b, sat_product(sat_add(sat_product(3, kvt), sat_product(4, std::min(pairs, plan.q_total()))),
+                             D, 4));                                       // kernel scratch
+  if (!saved_mode) b = sat_add(b, plan.saved_bytes());                     // q/k/v rows again
+  return b;
+}
+
 MemoryNeed memory_need(const RunOptions& o, const Setup& s, const Plan& plan, bool peer_memory,
                        const Plan* single) {
   using mem::sat_add;
@@ -539,21 +841,43 @@ MemoryNeed memory_need(const RunOptions& o, const Setup& s, const Plan& plan, bo
         sat_add(sat_product(2, plan.q_tokens(), s.heads, D, es), sat_product(2, plan.kv_tokens(), s.kv_heads, D, es)));
   n.add("staging", plan.staging_bytes());
   if (!peer_memory) n.add("pack/unpack", sat_add(plan.bytes_sent(), plan.bytes_received()));
+  if (o.backward) {
+    n.add("dout/dq/dk/dv/lse",
+          sat_add(sat_add(sat_product(2, plan.q_tokens(), s.heads, D, es),
+                          sat_product(2, plan.kv_tokens(), s.kv_heads, D, es)),
+                  sat_product(plan.q_tokens(), s.heads, 4)));
+    if (o.backward_saved) n.add("saved forward", plan.saved_bytes());
+    n.add("backward workspace", backward_workspace_bytes(plan, o.backward_saved));
+  }
   if (single != nullptr) {  // rank 0 with --check or --save
     const std::int64_t q_all = sat_product(s.q_total, s.heads, D);
     const std::int64_t kv_all = sat_product(s.kv_total, s.kv_heads, D);
     const bool inputs = rank0_needs_inputs(o, s);
-    n.add("gathered out", sat_product(q_all, es));
-    if (inputs) n.add("whole q/k/v", sat_product(sat_add(q_all, sat_product(2, kv_all)), es));
-    if (o.dtype != DType::f32)
-      n.add("float32 copies",
-            sat_product(inputs ? sat_add(sat_product(2, q_all), sat_product(2, kv_all)) : q_all, 4));
+    const bool bwd = o.backward;
+    // The outputs gathered (out; dq, dk, dv) and the whole inputs (q, k, v; dout).
+    const std::int64_t outs = bwd ? sat_add(sat_product(2, q_all), sat_product(2, kv_all)) : q_all;
+    const std::int64_t ins = inputs ? sat_add(sat_product(bwd ? 2 : 1, q_all), sat_product(2, kv_all)) : 0;
+    n.add(bwd ? "gathered out/dq/dk/dv" : "gathered out", sat_product(outs, es));
+    if (inputs) n.add(bwd ? "whole q/k/v/dout" : "whole q/k/v", sat_product(ins, es));
+    if (o.dtype != DType::f32) n.add("float32 copies", sat_product(sat_add(outs, ins), 4));
     if (o.check) {
       n.add("single-rank out", sat_product(q_all, es));
       n.add("single-rank staging", sat_add(single->staging_bytes(),
                                            sat_add(single->bytes_sent(), single->bytes_received())));
       const std::int64_t row = sat_product(s.heads, D, 8);
       n.add("reference rows", std::min(sat_product(s.q_total, row), std::max(row, kReferenceBytes)));
+      if (bwd) {
+        n.add("single-rank dq/dk/dv/lse", sat_add(sat_product(sat_add(q_all, sat_product(2, kv_all)), es),
+                                                  sat_product(s.q_total, s.heads, 4)));
+        if (o.backward_saved) n.add("single-rank saved forward", single->saved_bytes());
+        n.add("single-rank backward workspace", backward_workspace_bytes(*single, o.backward_saved));
+        // One kv head at a time: its k/v rows (float32) and dk/dv sums (float64, twice), and a
+        // piece of query rows of its q heads.
+        const std::int64_t group = s.heads / std::max<std::int64_t>(s.kv_heads, 1);
+        const std::int64_t piece = std::min(s.q_total, reference_backward_rows(s));
+        n.add("reference backward",
+              sat_add(sat_product(s.kv_total, D, 2 * 4 + 4 * 8), sat_product(piece, group, D, 2 * 4 + 8)));
+      }
     }
   }
   return n;
@@ -589,6 +913,11 @@ std::string kernels_text(const std::vector<std::string>& kernels) {
 std::string fixed_ms(double ms) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%12.3f", ms);
+  return buf;
+}
+std::string fixed_ms3(double ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", ms);
   return buf;
 }
 
@@ -667,6 +996,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   shape.head_dim = s.head_dim;
   shape.dtype = o.dtype;
   shape.causal = o.causal;
+  shape.return_lse = o.backward;  // backward() recomputes the softmax from the forward's lse
   PlanOptions options;
   options.strategy = o.strategy;
 
@@ -710,6 +1040,8 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
 
   // My shards, in slices.
   HostTensor q, k, v, out;
+  HostTensor dout, dq, dk, dv;  // --backward
+  std::vector<float> lse;       // --backward: [q_tokens][heads]
   {
     Tasks tasks;
     tasks.add("allocating the inputs", [&] {
@@ -717,13 +1049,21 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
       k = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
       v = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
       out = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
+      if (o.backward) {
+        dout = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
+        dq = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
+        dk = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
+        dv = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
+        lse.assign(static_cast<std::size_t>(plan.q_tokens() * s.heads), 0.0f);
+      }
     });
-    HostTensor* dst[3] = {&q, &k, &v};
-    const char* names[3] = {"q", "k", "v"};
-    for (int t = 0; t < 3; ++t) {
-      const std::vector<std::int64_t>& lens = t == kQ ? s.lens : s.kv_lens;
+    HostTensor* dst[4] = {&q, &k, &v, &dout};
+    const char* names[4] = {"q", "k", "v", "dout"};
+    for (int t = 0; t < (o.backward ? 4 : 3); ++t) {
+      const bool q_like = t == kQ || t == kDout;
+      const std::vector<std::int64_t>& lens = q_like ? s.lens : s.kv_lens;
       const std::int64_t first = first_token(lens, me), n = lens[static_cast<std::size_t>(me)];
-      const std::int64_t row = (t == kQ ? s.heads : s.kv_heads) * s.head_dim;
+      const std::int64_t row = (q_like ? s.heads : s.kv_heads) * s.head_dim;
       const std::int64_t step = std::max<std::int64_t>(1, kPieceElements / std::max<std::int64_t>(row, 1));
       for (std::int64_t a = 0; a < n; a += step) {
         const std::int64_t c = std::min(step, n - a);
@@ -739,25 +1079,57 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   args.k = k.view();
   args.v = v.view();
   args.out = out.view();
-  Workspace ws;
-  // Every call starts together (an agreement, under the deadline), so that the phases time the
-  // call rather than the skew of the ranks before it.
-  auto call = [&](PhaseTimes* t) {
-    ctl.agree("start a forward() call", {});
-    collective([&] { forward(plan, args, ws, t); }, "forward()");
-  };
-  if (o.iters > 1) {
-    progress.set(cat("warm-up call (then ", o.iters, " timed calls)"));
-    call(nullptr);
+  if (o.backward) args.lse = lse.data();
+  BackwardArgs bargs;
+  if (o.backward) {
+    bargs.q = args.q;
+    bargs.k = args.k;
+    bargs.v = args.v;
+    bargs.out = std::as_const(out).view();
+    bargs.lse = lse.data();
+    bargs.dout = std::as_const(dout).view();
+    bargs.dq = dq.view();
+    bargs.dk = dk.view();
+    bargs.dv = dv.view();
   }
-  std::vector<std::vector<double>> phase(kPhases);
+  Workspace ws;
+  SavedForward saved;  // --backward-mode saved
+  const bool use_saved = o.backward && o.backward_saved;
+  // Every call starts together (an agreement, under the deadline), so that the phases time the
+  // call rather than the skew of the ranks before it. With --backward each forward() is followed
+  // by a backward() (its own start agreement) on the forward's output and lse.
+  bool forward_peer_memory = false;  // the data path of the last forward() (backward() uses messages)
+  auto call = [&](PhaseTimes* t, BackwardTimes* bt) {
+    ctl.agree("start a forward() call", {});
+    collective([&] {
+      if (use_saved) forward(plan, args, ws, saved, t);
+      else forward(plan, args, ws, t);
+    }, "forward()");
+    forward_peer_memory = last_call(ws).peer_memory;
+    if (!o.backward) return;
+    ctl.agree("start a backward() call", {});
+    collective([&] {
+      if (use_saved) backward(plan, bargs, ws, saved, bt);
+      else backward(plan, bargs, ws, bt);
+    }, "backward()");
+  };
+  const char* calls = o.backward ? " (forward + backward)" : "";
+  if (o.iters > 1) {
+    progress.set(cat("warm-up call", calls, " (then ", o.iters, " timed calls)"));
+    call(nullptr, nullptr);
+  }
+  std::vector<std::vector<double>> phase(kPhases), bphase(kBackwardPhases);
   for (std::int64_t i = 0; i < o.iters; ++i) {
-    progress.set(cat("timed call ", i + 1, " of ", o.iters));
+    progress.set(cat("timed call ", i + 1, " of ", o.iters, calls));
     PhaseTimes t;
-    call(&t);
+    BackwardTimes bt;
+    call(&t, &bt);
     const double values[kPhases - 1] = {t.handshake, t.pack,   t.exchange_qkv, t.attention,
                                         t.exchange_out, t.unpack, t.total};
     for (int p = 0; p < kPhases - 1; ++p) phase[static_cast<std::size_t>(p + 1)].push_back(values[p]);
+    const double bvalues[kBackwardPhases] = {bt.handshake, bt.prepare, bt.exchange_in, bt.kernel,
+                                             bt.carry, bt.exchange_out, bt.reduce, bt.total};
+    for (int p = 0; p < kBackwardPhases; ++p) bphase[static_cast<std::size_t>(p)].push_back(bvalues[p]);
   }
 
   // Every rank's phases, bytes, data path and kernel, to every rank.
@@ -766,7 +1138,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   mine.ms[0] = plan_ms;
   for (int p = 1; p < kPhases; ++p) mine.ms[p] = median(phase[static_cast<std::size_t>(p)]);
   mine.bytes_sent = plan.bytes_sent();
-  mine.peer_memory = last_call(ws).peer_memory ? 1 : 0;
+  mine.peer_memory = forward_peer_memory ? 1 : 0;
   std::snprintf(mine.kernel, sizeof mine.kernel, "%s", kernel_name());
   std::vector<RankRecord> records(static_cast<std::size_t>(P));
   collective([&] { comm.allgather(&mine, sizeof mine, records.data()); }, "gather the reports");
@@ -782,25 +1154,71 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   }
   const char* data_path = peer_ranks == P ? "peer_memory" : peer_ranks == 0 ? "messages" : "mixed";
 
+  // --backward: every rank's phases, bytes and backward kernel, to every rank.
+  double bmax_ms[kBackwardPhases] = {};
+  std::int64_t bmax_sent = 0, bmax_received = 0, bmax_saved = 0;
+  std::vector<std::string> bkernels;
+  if (o.backward) {
+    BackwardRecord bmine;
+    std::memset(&bmine, 0, sizeof bmine);
+    for (int p = 0; p < kBackwardPhases; ++p) bmine.ms[p] = median(bphase[static_cast<std::size_t>(p)]);
+    bmine.bytes_sent = plan.backward_bytes_sent(o.backward_saved);
+    bmine.bytes_received = plan.backward_bytes_received(o.backward_saved);
+    bmine.saved_bytes = plan.saved_bytes();
+    std::snprintf(bmine.kernel, sizeof bmine.kernel, "%s", backward_kernel_name());
+    std::vector<BackwardRecord> brecords(static_cast<std::size_t>(P));
+    collective([&] { comm.allgather(&bmine, sizeof bmine, brecords.data()); },
+               "gather the backward reports");
+    for (const BackwardRecord& r : brecords) {
+      for (int p = 0; p < kBackwardPhases; ++p) bmax_ms[p] = std::max(bmax_ms[p], r.ms[p]);
+      bmax_sent = std::max(bmax_sent, r.bytes_sent);
+      bmax_received = std::max(bmax_received, r.bytes_received);
+      bmax_saved = std::max(bmax_saved, r.saved_bytes);
+      bkernels.emplace_back(r.kernel, strnlen(r.kernel, sizeof r.kernel));
+    }
+  }
+
   // --check / --save: the output to rank 0 (point-to-point messages under the deadline), then rank
   // 0's work in slices, every rank agreeing after each one.
   std::uint16_t outcome = 0;
   CheckResult check;
   if (rank0_work) {
-    HostTensor gathered;
-    progress.set("gathering the output on rank 0");
+    Gathered gathered;
+    progress.set(o.backward ? "gathering the output and the gradients on rank 0"
+                            : "gathering the output on rank 0");
     ctl.local_step("allocate the gathered output", [&] {
-      if (me == 0) gathered = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim);
-    });
-    std::vector<Message> sends, recvs;
-    if (out.bytes() > 0) sends.push_back({0, out.data(), out.bytes()});
-    if (me == 0) {
-      const std::int64_t row = gathered.row_bytes();
-      for (int r = 0; r < P; ++r) {
-        const std::int64_t n = s.lens[static_cast<std::size_t>(r)];
-        if (n > 0)
-          recvs.push_back({r, static_cast<char*>(gathered.data()) + first_token(s.lens, r) * row, n * row});
+      if (me != 0) return;
+      gathered.out = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim);
+      if (o.backward) {
+        gathered.dq = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim);
+        gathered.dk = HostTensor(o.dtype, s.kv_total, s.kv_heads, s.head_dim);
+        gathered.dv = HostTensor(o.dtype, s.kv_total, s.kv_heads, s.head_dim);
       }
+    });
+    // Per rank, in this order: out, then (--backward) dq, dk, dv (messages between a pair of ranks
+    // match in the order they are listed).
+    struct Part {
+      HostTensor* mine;
+      HostTensor* all;
+      const std::vector<std::int64_t>* lens;
+    };
+    std::vector<Part> parts = {{&out, &gathered.out, &s.lens}};
+    if (o.backward) {
+      parts.push_back({&dq, &gathered.dq, &s.lens});
+      parts.push_back({&dk, &gathered.dk, &s.kv_lens});
+      parts.push_back({&dv, &gathered.dv, &s.kv_lens});
+    }
+    std::vector<Message> sends, recvs;
+    for (const Part& p : parts)
+      if (p.mine->bytes() > 0) sends.push_back({0, p.mine->data(), p.mine->bytes()});
+    if (me == 0) {
+      for (int r = 0; r < P; ++r)
+        for (const Part& p : parts) {
+          const std::int64_t row = p.all->row_bytes();
+          const std::int64_t n = (*p.lens)[static_cast<std::size_t>(r)];
+          if (n > 0)
+            recvs.push_back({r, static_cast<char*>(p.all->data()) + first_token(*p.lens, r) * row, n * row});
+        }
     }
     collective([&] { comm.exchange(sends, recvs); }, "gather the output on rank 0");
 
@@ -846,7 +1264,32 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
             .field("bitwise_equal", check.bitwise_equal)
             .field("nonfinite_inputs", check.nonfinite_inputs)
             .field("nonfinite_outputs", check.nonfinite_outputs)
-            .field("check_passed", check.passed());
+            .field("check_passed", check.passed());  // the forward's and the backward's
+      if (o.backward) {
+        j.begin_object("backward")
+            .field("mode", o.backward_saved ? "saved" : "recompute")
+            .field("kernel", bkernels[0])
+            .field("kernels", bkernels);
+        j.begin_object("ms");
+        for (int p = 0; p < kBackwardPhases; ++p) j.field(kBackwardPhaseNames[p], bmax_ms[p]);
+        j.end_object()
+            .field("bytes_sent", bmax_sent)
+            .field("bytes_received", bmax_received)
+            .field("saved_bytes", bmax_saved);
+        if (o.check) {
+          j.begin_object("check");
+          for (int g = 0; g < kGradients; ++g) {
+            const GradientCheck& c = check.gradients[g];
+            j.begin_object(kGradientNames[g])
+                .field("max_abs_err", c.max_abs_err)
+                .field("bitwise_equal", c.bitwise_equal)
+                .field("nonfinite_outputs", c.nonfinite)
+                .end_object();
+          }
+          j.end_object().field("check_passed", check.backward_passed());
+        }
+        j.end_object();
+      }
       if (!o.load_dir.empty()) j.field("load", o.load_dir);
       if (!o.save_dir.empty()) {
         std::vector<std::string> files(s.save_names);
@@ -864,6 +1307,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
                   uaa::num_threads(), uaa::num_threads() == 1 ? "" : "s",
                   (s.from_files ? cat("data ", o.load_dir) : cat("seed ", o.seed)).c_str());
       std::printf("data_path: %s, kernels: %s\n", data_path, kernels_text(kernels).c_str());
+      const std::string bkernels_text = o.backward ? kernels_text(bkernels) : std::string();
       std::printf("bytes sent per rank (max over ranks): %lld\n", static_cast<long long>(max_sent));
       std::printf("%-14s %12s   (median over iterations, max over ranks)\n", "phase", "ms");
       for (int p = 0; p < kPhases; ++p) std::printf("%-14s %s\n", kPhaseNames[p], fixed_ms(max_ms[p]).c_str());
@@ -872,6 +1316,26 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
                     "bitwise_equal %s (vs single-rank run)\n",
                     check.max_abs_err, static_cast<long long>(check.compared),
                     check.bitwise_equal ? "true" : "false");
+      if (o.backward) {
+        std::printf("backward: %s mode, kernel %s, bytes per rank (max over ranks) sent %lld, "
+                    "received %lld, saved forward %lld\n",
+                    o.backward_saved ? "saved" : "recompute", bkernels_text.c_str(),
+                    static_cast<long long>(bmax_sent), static_cast<long long>(bmax_received),
+                    static_cast<long long>(bmax_saved));
+        std::string line = "backward ms:";
+        for (int p = 0; p < kBackwardPhases; ++p)
+          line += cat(p ? ", " : " ", kBackwardPhaseNames[p], " ", fixed_ms3(bmax_ms[p]));
+        std::printf("%s   (median over iterations, max over ranks)\n", line.c_str());
+        if (o.check) {
+          std::string c = "check backward:";
+          for (int g = 0; g < kGradients; ++g) {
+            const GradientCheck& r = check.gradients[g];
+            c += cat(g ? "; " : " ", kGradientNames[g], " max_abs_err ", float_text(r.max_abs_err),
+                     " bitwise_equal ", r.bitwise_equal ? "true" : "false");
+          }
+          std::printf("%s\n", c.c_str());
+        }
+      }
       if (!o.save_dir.empty())
         std::printf("saved %s to %s%s\n", saved.c_str(), o.save_dir.c_str(),
                     s.save_outputs_only ? " (the --load directory: its inputs are kept as they were)" : "");
@@ -887,6 +1351,16 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
       std::fprintf(stderr, "uaa run: check failed: the inputs hold %lld NaN/Inf value(s) (first: %s); "
                    "--check needs finite inputs (max_abs_err covers the finite values only)\n",
                    static_cast<long long>(check.nonfinite_inputs), check.first_nonfinite_input.c_str());
+    for (int g = 0; o.check && o.backward && g < kGradients; ++g) {
+      const GradientCheck& c = check.gradients[g];
+      if (!c.bitwise_equal)
+        std::fprintf(stderr, "uaa run: check failed: the %d-rank %s is NOT bitwise equal to the "
+                     "single-rank run\n", P, kGradientNames[g]);
+      if (c.nonfinite)
+        std::fprintf(stderr, "uaa run: check failed: %lld %s value(s) are NaN/Inf where the float64 "
+                     "reference is finite (first: %s)\n",
+                     static_cast<long long>(c.nonfinite), kGradientNames[g], c.first_nonfinite.c_str());
+    }
     std::fflush(stderr);
   }
   return check_failed ? 1 : 0;

@@ -6,8 +6,10 @@
 // (V packed [32 key pairs][Dp][2]) with P rounded to bf16 (as GPU flash attention does); scores,
 // softmax and accumulators stay fp32. The row sum l is taken over the fp32 P. Highway 1.0.3 does not
 // emit this instruction, hence intrinsics. fp32 inputs use run_avx512.
+// The backward (BwdMicroBf16Dp below) takes vdpbf16ps only for the products of two bf16 inputs.
 #include <cstddef>
 #include <cstdint>
+#include <sched.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -23,6 +25,7 @@ namespace isa_avx512bf16 {
 #include "kernels/cpu/flash_math.h"
 #include "kernels/cpu/simd_avx512.h"
 #include "kernels/cpu/flash_impl.h"
+#include "kernels/cpu/flash_bwd_impl.h"
 
 inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
@@ -204,14 +207,102 @@ struct MicroBf16Dp {
     }
   }
 };
+
+// Backward with bf16 inputs (flash_bwd_impl.h): S = Q·Kᵀ and dP = dO·Vᵀ multiply the inputs
+// themselves, so they run on bf16 pairs of adjacent head dims with vdpbf16ps (Kᵀ and Vᵀ packed
+// [D2][64 keys][2], Q and dO rows [D2][2]; the products are exact, the sum runs over pairs in
+// ascending order). P and dS are fp32 results, so the products over them (dV, dK, dQ) stay fp32.
+struct BwdMicroBf16Dp {
+  static_assert(kBc == 64, "qk_block_bf16 covers a key tile with 4 zmm");
+
+  static void pack_kv(const BwdProblem& p, std::int64_t kvh, std::int64_t t, char* blk) {
+    const std::int64_t D = p.head_dim, D2 = (D + 1) / 2, Dp = p.padded_dim, j0 = t * kBc;
+    auto* Kt = reinterpret_cast<std::uint16_t*>(blk + p.layout.kt_off);  // [D2][kBc][2]
+    auto* Vt = reinterpret_cast<std::uint16_t*>(blk + p.layout.vt_off);  // [D2][kBc][2]
+    auto* Kr = reinterpret_cast<float*>(blk + p.layout.krow_off);        // [kBc][Dp]
+    std::int64_t s = find_segment(p.k, p.kv_segments, j0);
+    for (std::int64_t c = 0; c < kBc; ++c) {
+      const std::int64_t j = j0 + c;
+      std::uint16_t* kcol = Kt + c * 2;
+      std::uint16_t* vcol = Vt + c * 2;
+      float* kr = Kr + c * Dp;
+      if (j >= p.kv_total) {
+        for (std::int64_t d = 0; d < D2 * 2; ++d) kcol[(d / 2) * kBc * 2 + d % 2] = 0;
+        for (std::int64_t d = 0; d < D2 * 2; ++d) vcol[(d / 2) * kBc * 2 + d % 2] = 0;
+        for (std::int64_t d = 0; d < Dp; ++d) kr[d] = 0.0f;
+        continue;
+      }
+      while (j >= p.k[s].begin + p.k[s].tokens) ++s;
+      const Segment& ks = p.k[s];
+      const Segment& vs = p.v[s];
+      const auto* ksrc = static_cast<const std::uint16_t*>(ks.data) + (j - ks.begin) * ks.token_stride +
+                         kvh * ks.head_stride;
+      const auto* vsrc = static_cast<const std::uint16_t*>(vs.data) + (j - vs.begin) * vs.token_stride +
+                         kvh * vs.head_stride;
+      for (std::int64_t d = 0; d < D; ++d) {
+        kcol[(d / 2) * kBc * 2 + d % 2] = ksrc[d];
+        vcol[(d / 2) * kBc * 2 + d % 2] = vsrc[d];
+        kr[d] = f32_from_bf16(ksrc[d]);
+      }
+      if (D % 2) kcol[(D / 2) * kBc * 2 + 1] = vcol[(D / 2) * kBc * 2 + 1] = 0;
+      for (std::int64_t d = D; d < Dp; ++d) kr[d] = 0.0f;
+    }
+  }
+
+  // Q and dO rows [r0, r1) of local head h as bf16 pairs [D2][2], an odd head dim padded with 0.
+  static void pack_pairs(const BwdProblem& p, const Segment* segs, std::int64_t h, std::int64_t r0,
+                         std::int64_t r1, std::uint16_t* out) {
+    const std::int64_t D = p.head_dim, D2 = (D + 1) / 2;
+    std::int64_t s = find_segment(segs, p.q_segments, r0);
+    for (std::int64_t i = r0; i < r1; ++i) {
+      while (i >= segs[s].begin + segs[s].tokens) ++s;
+      const Segment& g = segs[s];
+      const auto* row = static_cast<const std::uint16_t*>(g.data) + (i - g.begin) * g.token_stride +
+                        h * g.head_stride;
+      std::uint16_t* o = out + (i - p.q_first) * D2 * 2;
+      for (std::int64_t d = 0; d < D; ++d) o[d] = row[d];
+      if (D % 2) o[D] = 0;
+    }
+  }
+  static void pack_rows(const BwdProblem& p, const BwdHead& hb, std::int64_t h, std::int64_t r0,
+                        std::int64_t r1) {
+    pack_pairs(p, p.q, h, r0, r1, hb.q_pairs);
+    pack_pairs(p, p.dout, h, r0, r1, hb.do_pairs);
+  }
+
+  static void product(const BwdProblem& p, const std::uint16_t* rows, std::int64_t a, std::int64_t m,
+                      const char* tile, float* out) {
+    const std::int64_t D2 = (p.head_dim + 1) / 2;
+    const std::uint16_t* x = rows + (a - p.q_first) * D2 * 2;
+    const auto* y = reinterpret_cast<const std::uint16_t*>(tile);
+    for (std::int64_t r = 0; r < m; r += 6)
+      with_rows(min64(6, m - r), [&]<int MR>() {
+        qk_block_bf16<MR>(x + r * D2 * 2, D2, y, out + r * kBc, 1.0f);  // · 1 is exact
+      });
+  }
+  static void qk(const BwdProblem& p, const BwdHead& hb, std::int64_t a, std::int64_t m, const char* blk,
+                 float* S) {
+    product(p, hb.q_pairs, a, m, blk + p.layout.kt_off, S);
+  }
+  static void dov(const BwdProblem& p, const BwdHead& hb, std::int64_t a, std::int64_t m, const char* blk,
+                  float* dP) {
+    product(p, hb.do_pairs, a, m, blk + p.layout.vt_off, dP);
+  }
+};
 }  // namespace isa_avx512bf16
 
 void run_avx512bf16(const Problem& p) {
   isa_avx512bf16::run_flash<isa_avx512bf16::VecAvx512, isa_avx512bf16::MicroBf16Dp>(p);
 }
 
+// bf16 inputs only (fp32 takes run_bwd_avx512); needs the bf16-pair layout (q_pairs, do_pairs).
+void run_bwd_avx512bf16(const BwdProblem& p) {
+  isa_avx512bf16::run_flash_bwd<isa_avx512bf16::VecAvx512, isa_avx512bf16::BwdMicroBf16Dp>(p);
+}
+
 #else
 // Not x86-64: never dispatched to (dispatch.cpp finds no avx512bf16); keeps the link whole.
 void run_avx512bf16(const Problem& p) { run_portable(p); }
+void run_bwd_avx512bf16(const BwdProblem& p) { run_bwd_portable(p); }
 #endif
 }  // namespace uaa::detail::flash

@@ -3,7 +3,8 @@
 // The per-ISA translation units (flash_*.cpp, compiled with per-file -m flags) see only this header,
 // <cstdint>/<cstddef> and intrinsics: no std templates and no inline functions shared with the rest
 // of the library, so the linker can never pick an AVX-512 copy of a shared inline function for code
-// that runs on a CPU without it. flash_kernels.cpp (baseline flags) builds this from KernelProblem.
+// that runs on a CPU without it. flash_kernels.cpp (baseline flags) builds this from KernelProblem,
+// flash_backward_kernels.cpp builds BwdProblem (the backward's, flash_bwd_impl.h) from BackwardProblem.
 #pragma once
 
 #include <cstddef>
@@ -71,10 +72,69 @@ struct Problem {
   ScratchLayout layout;
 };
 
+// ---- Backward (flash_bwd_impl.h) -----------------------------------------------------------
+
+// Per-(row, head) statistics of a query segment: element [t][h] at data + t*token_stride + h.
+struct StatSegment {
+  const float* data;
+  std::int64_t token_stride;  // floats
+};
+
+// Byte offsets into the backward's scratch buffer (all 64-byte aligned). Query rows are indexed
+// from q_first (row i at i - q_first), query tiles from floor(q_first / kQueryTile).
+struct BwdScratchLayout {
+  // One kv head, every key tile t at t * kv_tile_bytes: Kᵀ [D][kKeyTile], Vᵀ [D][kKeyTile] (for
+  // S = Q·Kᵀ and dP = dO·Vᵀ) and K rows [kKeyTile][Dp] (for dQ = dS·K); zero past kv_total.
+  std::size_t kv_packed = 0, kv_tile_bytes = 0;
+  std::size_t kt_off = 0, vt_off = 0, krow_off = 0;  // within one tile's block
+  // One q head, all rows of the step: Q and dO [rows][Dp] fp32, lse·log2(e) and delta [rows], the
+  // fp32 dQ accumulator [rows][Dp], and one 64-byte ticket per query tile.
+  std::size_t q_rows = 0, do_rows = 0, lse2 = 0, delta = 0, dq_acc = 0, tickets = 0;
+  // bf16 pairs of Q and dO [rows][ceil(D/2)][2] (run_bwd_avx512bf16 with bf16 inputs only; else 0).
+  std::size_t q_pairs = 0, do_pairs = 0;
+  std::size_t per_thread = 0;     // start of thread 0's block
+  std::size_t thread_stride = 0;  // bytes per thread block
+  // Per thread: P (scores, then probabilities) and dP (then dS) [kQueryTile][kKeyTile]; dK and dV
+  // accumulators of one key tile [kKeyTile][Dp].
+  std::size_t p = 0, ds = 0, dk_acc = 0, dv_acc = 0;
+  std::size_t total = 0;
+};
+
+struct BwdProblem {
+  bool bf16 = false;  // element type of q, dout, k, v and dq (else fp32)
+  std::int64_t head_dim = 0, padded_dim = 0;
+  std::int64_t q_heads = 0, q_head_begin = 0, kv_head_begin = 0, group = 1;
+  const Segment* q = nullptr;     // q_segments each: q, dout, lse, delta, dq
+  const Segment* dout = nullptr;  // (dout[s].begin == q[s].begin)
+  const StatSegment* lse = nullptr;
+  const StatSegment* delta = nullptr;
+  const OutSegment* dq = nullptr;  // lse fields unused
+  const Segment* k = nullptr;      // kv_segments each: k, v
+  const Segment* v = nullptr;
+  std::int64_t q_segments = 0, kv_segments = 0;
+  std::int64_t q_first = 0, q_count = 0;   // the rows handed over: [q_first, q_first + q_count)
+  std::int64_t q_total = 0, kv_total = 0;  // global counts
+  float scale = 1.0f;
+  bool causal = false;
+  int threads = 1;
+  char* scratch = nullptr;
+  BwdScratchLayout layout;
+  float* dk_partial = nullptr;  // [q_heads][kv_total][head_dim]
+  float* dv_partial = nullptr;
+  const float* dk_carry = nullptr;  // [kv_total][head_dim] or null (local head 0 only)
+  const float* dv_carry = nullptr;
+  bool ordered_dq = true;  // false: dQ contributions in arrival order (benchmarks only)
+};
+
 // Entry points, one per ISA translation unit.
 void run_portable(const Problem& p);
 void run_avx2(const Problem& p);
 void run_avx512(const Problem& p);
 void run_avx512bf16(const Problem& p);  // bf16 via vdpbf16ps; needs bf16-pair packing (see layout)
+
+void run_bwd_portable(const BwdProblem& p);
+void run_bwd_avx2(const BwdProblem& p);
+void run_bwd_avx512(const BwdProblem& p);
+void run_bwd_avx512bf16(const BwdProblem& p);
 
 }  // namespace uaa::detail::flash

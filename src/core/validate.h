@@ -1,0 +1,83 @@
+// Argument checks shared by forward() and backward() (internal): a view's extent without
+// overflow, its agreement with the plan, and whether its rows overlap.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "common/strings.h"
+#include "uaa/plan.h"
+#include "uaa/types.h"
+
+namespace uaa::detail {
+
+// Byte range [lo, hi) spanned by a strided view (empty if it has no rows), computed without
+// overflow: `valid` is false when the view's extent does not fit the address space.
+struct Extent {
+  std::uintptr_t lo = 0, hi = 0;
+  bool valid = true;
+  bool empty() const { return lo == hi; }
+  bool overlaps(const Extent& o) const { return !empty() && !o.empty() && lo < o.hi && o.lo < hi; }
+};
+
+inline Extent extent_of(const void* data, std::int64_t tokens, std::int64_t heads, std::int64_t dim,
+                 std::int64_t ts, std::int64_t hs, std::size_t es) {
+  if (tokens == 0 || heads == 0 || dim == 0) return {};
+  const __int128 last = (static_cast<__int128>(tokens) - 1) * ts +
+                        (static_cast<__int128>(heads) - 1) * hs + dim;
+  const __int128 bytes = last * static_cast<__int128>(es);
+  const auto lo = reinterpret_cast<std::uintptr_t>(data);
+  if (bytes > (static_cast<__int128>(1) << 62) ||
+      static_cast<__int128>(lo) + bytes > static_cast<__int128>(UINTPTR_MAX))
+    return {lo, lo, false};
+  return {lo, lo + static_cast<std::uintptr_t>(bytes), true};
+}
+
+// Checks one tensor argument against what the plan expects; returns the problem or "".
+inline std::string view_problem(const char* name, const ConstTensor& t, std::int64_t tokens,
+                         std::int64_t heads, const AttentionShape& s) {
+  if (t.dtype != s.dtype)
+    return cat(name, ".dtype ", dtype_name(t.dtype), " but the plan has ", dtype_name(s.dtype));
+  if (t.tokens != tokens)
+    return cat(name, ".tokens ", t.tokens, " but the plan gives this rank ", tokens);
+  if (t.heads != heads) return cat(name, ".heads ", t.heads, " but the plan has ", heads);
+  if (t.head_dim != s.head_dim)
+    return cat(name, ".head_dim ", t.head_dim, " but the plan has ", s.head_dim);
+  if (t.token_stride < 0 || t.head_stride < 0)
+    return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") must be >= 0");
+  if (t.data == nullptr && tokens * heads > 0) return cat(name, ".data is null");
+  if (!extent_of(t.data, tokens, heads, s.head_dim, t.token_stride, t.head_stride,
+                 dtype_size(s.dtype)).valid)
+    return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") over ", tokens,
+               " tokens and ", heads, " heads reach past the address space");
+  return {};
+}
+
+// True if the rows of a [tokens][heads][dim] view with these strides are pairwise disjoint.
+inline bool rows_disjoint(std::int64_t tokens, std::int64_t heads, std::int64_t dim, std::int64_t ts,
+                   std::int64_t hs) {
+  if (tokens == 0 || heads == 0) return true;  // no rows, nothing to overlap
+  struct Axis {
+    __int128 stride, count;
+  };
+  Axis a{ts, tokens}, b{hs, heads};
+  if (a.count <= 1) a.stride = 0;
+  if (b.count <= 1) b.stride = 0;
+  if (a.stride > b.stride) std::swap(a, b);
+  __int128 span = dim;  // elements covered by one row
+  for (const Axis& x : {a, b}) {
+    if (x.count <= 1) continue;
+    if (x.stride < span) return false;
+    span = (x.count - 1) * x.stride + span;
+  }
+  return true;
+}
+
+// The extent of a tensor view (of its own shape).
+inline Extent extent_of(const ConstTensor& t) {
+  return extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride, t.head_stride,
+                   dtype_size(t.dtype));
+}
+
+}  // namespace uaa::detail

@@ -1,0 +1,700 @@
+// Flash backward kernels vs the float64 reference backward, and the exactness properties of the
+// backward contract (kernel.h, "Backward") that a partition-invariant backward relies on.
+//
+// Every variant this CPU runs (flash_backward_kernels_supported) × {fp32, bf16} is checked case by
+// case; a failure prints the variant, dtype and shape.
+//
+// Inputs of a case: q, k, v, dO (bf16-representable values for bf16), and the per-(row, head) lse and
+// delta = rowsum(dO∘O) that a caller would hand over, taken from the float64 reference forward and
+// rounded to fp32. The float64 reference backward runs on the same (rounded) inputs.
+//
+// Tolerance (the forward test's rule, kernels/flash_kernel_test.cpp): per output (dq, dk, dv; dk and
+// dv summed over the q heads of a GQA group in float64), the kernel's max error against float64 may
+// be at most twice the max error of a plain same-precision implementation of the same inputs —
+// a naive fp32 loop per (head, row, key): fp32 dot products, P = exp(s − lse), dS = P(dP − delta)·scale,
+// fp32 accumulation of dQ over keys and of dK, dV over rows, dQ rounded to bf16 for bf16 — plus a
+// floor for cases where the plain loop happens to be (nearly) exact:
+//   - two fp32 roundings of the largest magnitude a sum passes through (Σ over its terms of |term|,
+//     with |dP − delta| bounded by |dP| + |delta|: dS cancels, and a rounding of dP alone moves it by
+//     eps·|dP|); e.g. one key makes dS exactly 0 in float64 but rounding noise in fp32;
+//   - bf16 dq: one bf16 ulp of the largest |dq| (the final rounding alone).
+// UAA_TEST_VERBOSE=1 prints every case's errors and tolerances.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/test_data.h"
+#include "common/test_rng.h"
+#include "kernels/kernel.h"
+#include "uaa/bf16.h"
+
+namespace uaa::detail {
+namespace {
+
+float round_bf16(float f) { return uaa::f32_from_bf16(uaa::bf16_from_f32(f)); }
+
+struct Shape {
+  std::int64_t Sq, Skv, Hq, Hkv, D;
+  bool causal;
+  float sharpness = 2.0f;  // scale = sharpness / sqrt(D)
+  std::string str() const {
+    return "Sq=" + std::to_string(Sq) + " Skv=" + std::to_string(Skv) + " Hq=" + std::to_string(Hq) +
+           " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + (causal ? " causal" : "") +
+           " sharp=" + std::to_string(sharpness);
+  }
+  float scale() const { return sharpness / std::sqrt(static_cast<float>(D)); }
+  std::int64_t group() const { return Hq / Hkv; }
+};
+
+struct Tensor3 {
+  std::int64_t S, H, D;
+  std::vector<float> f;          // token-major contiguous values
+  std::vector<std::uint16_t> b;  // the same values as bf16 bits (bf16 only)
+};
+
+Tensor3 make(std::uint64_t seed, int id, std::int64_t S, std::int64_t H, std::int64_t D, DType dt) {
+  Tensor3 t{S, H, D, test::make_tensor(seed, id, 0, S, H, D), {}};
+  if (dt == DType::bf16) {
+    t.b.resize(t.f.size());
+    for (std::size_t i = 0; i < t.f.size(); ++i) {
+      t.b[i] = uaa::bf16_from_f32(t.f[i]);
+      t.f[i] = uaa::f32_from_bf16(t.b[i]);
+    }
+  }
+  return t;
+}
+
+std::size_t sz(std::int64_t n) { return static_cast<std::size_t>(std::max<std::int64_t>(1, n)); }
+
+struct Case {
+  Shape s;
+  DType dt;
+  Tensor3 q, k, v, dout;
+  std::vector<float> lse, delta;  // [Sq][Hq]
+};
+
+Case make_case(const Shape& s, DType dt, std::uint64_t seed = 5) {
+  Case c{s, dt, make(seed, 0, s.Sq, s.Hq, s.D, dt), make(seed, 1, s.Skv, s.Hkv, s.D, dt),
+         make(seed, 2, s.Skv, s.Hkv, s.D, dt), make(seed, 3, s.Sq, s.Hq, s.D, dt), {}, {}};
+  std::vector<double> out(sz(s.Sq * s.Hq * s.D)), lse(sz(s.Sq * s.Hq));
+  reference_attention(c.q.f.data(), c.k.f.data(), c.v.f.data(), s.Sq, s.Skv, s.Hq, s.Hkv, s.D,
+                      s.scale(), s.causal, out.data(), lse.data());
+  c.lse.resize(sz(s.Sq * s.Hq));
+  c.delta.resize(sz(s.Sq * s.Hq));
+  for (std::int64_t i = 0; i < s.Sq * s.Hq; ++i) {
+    double d = 0;
+    for (std::int64_t e = 0; e < s.D; ++e)
+      d += static_cast<double>(c.dout.f[i * s.D + e]) * out[i * s.D + e];
+    c.lse[i] = static_cast<float>(lse[i]);
+    c.delta[i] = static_cast<float>(d);
+  }
+  return c;
+}
+
+// ---- running a kernel --------------------------------------------------------------------------
+
+struct Options {
+  std::vector<std::int64_t> q_cuts, kv_cuts;  // segment lengths (empty: one segment)
+  int threads = 1;
+  std::int64_t head_begin = 0, head_count = -1;  // q heads computed (-1: all)
+  std::int64_t row_begin = 0, row_end = -1;      // query rows of the call (-1: all)
+  bool head_major_padded = false;  // [H][S][D + 3] storage (and padded lse/delta/dq) instead of dense
+  const std::vector<float>* dk_carry = nullptr;
+  const std::vector<float>* dv_carry = nullptr;
+  bool ordered_dq = true;
+};
+
+struct Result {
+  std::vector<std::byte> dq_raw;  // [Sq][Hq][D] in the dtype (rows/heads not computed: 0x5a)
+  std::vector<float> dq;          // the same as float
+  std::vector<float> dk, dv;      // [heads computed][Skv][D]
+};
+
+struct Stored {
+  std::vector<float> f;
+  std::vector<std::uint16_t> b;
+  std::int64_t ts, hs;
+  const void* base(DType dt) const { return dt == DType::bf16 ? static_cast<const void*>(b.data()) : f.data(); }
+};
+
+Stored store(const Tensor3& t, DType dt, bool head_major) {
+  Stored s;
+  const std::int64_t pad = head_major ? 3 : 0;
+  s.ts = head_major ? t.D + pad : t.H * t.D;
+  s.hs = head_major ? t.S * (t.D + pad) : t.D;
+  const std::size_t n = sz(t.S * t.H * (t.D + pad));
+  s.f.assign(n, std::nanf(""));  // padding is NaN: reading it would show
+  s.b.assign(n, 0x7fc1);
+  for (std::int64_t i = 0; i < t.S; ++i)
+    for (std::int64_t h = 0; h < t.H; ++h)
+      for (std::int64_t d = 0; d < t.D; ++d) {
+        const std::size_t src = static_cast<std::size_t>((i * t.H + h) * t.D + d);
+        const std::size_t dst = static_cast<std::size_t>(i * s.ts + h * s.hs + d);
+        if (dt == DType::bf16)
+          s.b[dst] = t.b[src];
+        else
+          s.f[dst] = t.f[src];
+      }
+  return s;
+}
+
+std::vector<std::int64_t> cuts_or_whole(const std::vector<std::int64_t>& cuts, std::int64_t total) {
+  return cuts.empty() ? std::vector<std::int64_t>{total} : cuts;
+}
+
+Result run(const BackwardKernel& kernel, const Case& c, const Options& o) {
+  const Shape& s = c.s;
+  const DType dt = c.dt;
+  const std::size_t es = dt == DType::bf16 ? 2 : 4;
+  const std::int64_t h0 = o.head_begin, nh = o.head_count < 0 ? s.Hq : o.head_count;
+  const std::int64_t kv0 = h0 / s.group();
+  const std::int64_t rb = o.row_begin, re = o.row_end < 0 ? s.Sq : o.row_end;
+  const bool hm = o.head_major_padded;
+  const Stored q = store(c.q, dt, hm), k = store(c.k, dt, hm), v = store(c.v, dt, hm),
+               g = store(c.dout, dt, hm);
+  // lse and delta: head stride 1; padded token stride (NaN padding) in the strided layout.
+  const std::int64_t sts = hm ? s.Hq + 2 : s.Hq;
+  std::vector<float> lse(sz(s.Sq * sts), std::nanf("")), delta(sz(s.Sq * sts), std::nanf(""));
+  for (std::int64_t i = 0; i < s.Sq; ++i)
+    for (std::int64_t h = 0; h < s.Hq; ++h) {
+      lse[i * sts + h] = c.lse[i * s.Hq + h];
+      delta[i * sts + h] = c.delta[i * s.Hq + h];
+    }
+  // dq: dense [Sq][Hq][D], or head-major [Hq][Sq][D + 3].
+  const std::int64_t dq_ts = hm ? s.D + 3 : s.Hq * s.D, dq_hs = hm ? s.Sq * (s.D + 3) : s.D;
+  std::vector<std::byte> dq(sz(s.Sq * s.Hq * (s.D + 3)) * es, std::byte{0x5a});
+  std::vector<float> dk(sz(nh * s.Skv * s.D), std::nanf("")), dv(sz(nh * s.Skv * s.D), std::nanf(""));
+
+  std::vector<TokenSegment> qs, gs, ks, vs;
+  std::vector<StatSegment> ls, ds;
+  std::vector<OutSegment> os;
+  const auto* qb = static_cast<const std::byte*>(q.base(dt));
+  const auto* gb = static_cast<const std::byte*>(g.base(dt));
+  const auto* kb = static_cast<const std::byte*>(k.base(dt));
+  const auto* vb = static_cast<const std::byte*>(v.base(dt));
+  std::int64_t at = rb;
+  for (std::int64_t n : cuts_or_whole(o.q_cuts, re - rb)) {
+    qs.push_back({qb + (at * q.ts + h0 * q.hs) * es, n, q.ts, q.hs});
+    gs.push_back({gb + (at * g.ts + h0 * g.hs) * es, n, g.ts, g.hs});
+    ls.push_back({lse.data() + at * sts + h0, sts});
+    ds.push_back({delta.data() + at * sts + h0, sts});
+    os.push_back({dq.data() + (at * dq_ts + h0 * dq_hs) * es, dq_ts, dq_hs, nullptr, 0});
+    at += n;
+  }
+  EXPECT_EQ(at, re) << "q cuts must cover the rows";
+  at = 0;
+  for (std::int64_t n : cuts_or_whole(o.kv_cuts, s.Skv)) {
+    ks.push_back({kb + (at * k.ts + kv0 * k.hs) * es, n, k.ts, k.hs});
+    vs.push_back({vb + (at * v.ts + kv0 * v.hs) * es, n, v.ts, v.hs});
+    at += n;
+  }
+  BackwardProblem p;
+  p.dtype = dt;
+  p.head_dim = s.D;
+  p.q_heads = nh;
+  p.q_head_begin = h0;
+  p.kv_head_begin = kv0;
+  p.group = s.group();
+  p.q = qs;
+  p.dout = gs;
+  p.lse = ls;
+  p.delta = ds;
+  p.dq = os;
+  p.k = ks;
+  p.v = vs;
+  p.q_first = rb;
+  p.q_total = s.Sq;
+  p.kv_total = s.Skv;
+  p.scale = s.scale();
+  p.causal = s.causal;
+  p.threads = o.threads;
+  p.dk_partial = dk.data();
+  p.dv_partial = dv.data();
+  p.dk_carry = o.dk_carry ? o.dk_carry->data() : nullptr;
+  p.dv_carry = o.dv_carry ? o.dv_carry->data() : nullptr;
+  p.ordered_dq = o.ordered_dq;
+  const std::size_t bytes = std::max<std::size_t>(64, (kernel.scratch_bytes(p) + 63) / 64 * 64);
+  std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
+  std::memset(scratch.get(), 0xcd, bytes);  // garbage, as a reused workspace would hold
+  p.scratch = scratch.get();
+  kernel.run(p);
+
+  Result r;
+  r.dq_raw.assign(sz(s.Sq * s.Hq * s.D) * es, std::byte{0x5a});
+  r.dq.assign(sz(s.Sq * s.Hq * s.D), 0.0f);
+  for (std::int64_t i = 0; i < s.Sq; ++i)
+    for (std::int64_t h = 0; h < s.Hq; ++h) {
+      const std::byte* src = dq.data() + (i * dq_ts + h * dq_hs) * es;
+      std::byte* dst = r.dq_raw.data() + ((i * s.Hq + h) * s.D) * es;
+      std::memcpy(dst, src, static_cast<std::size_t>(s.D) * es);
+      for (std::int64_t d = 0; d < s.D; ++d) {
+        float x;
+        if (dt == DType::bf16) {
+          std::uint16_t b;
+          std::memcpy(&b, dst + 2 * d, 2);
+          x = uaa::f32_from_bf16(b);
+        } else {
+          std::memcpy(&x, dst + 4 * d, 4);
+        }
+        r.dq[(i * s.Hq + h) * s.D + d] = x;
+      }
+    }
+  r.dk = std::move(dk);
+  r.dv = std::move(dv);
+  return r;
+}
+
+// ---- the plain fp32 implementation and the reference -----------------------------------------
+
+struct Plain {
+  std::vector<float> dq;      // [Sq][Hq][D], bf16-rounded for bf16
+  std::vector<float> dk, dv;  // [Hq][Skv][D] per q head
+  // Per element: Σ over the terms of its sum of |term| (float64), see the file comment.
+  std::vector<double> mag_dq, mag_dk, mag_dv;  // dq [Sq][Hq][D]; dk, dv [Skv][Hkv][D]
+};
+
+Plain plain(const Case& c) {
+  const Shape& s = c.s;
+  const std::int64_t D = s.D, G = s.group();
+  const float scale = s.scale();
+  Plain pl;
+  pl.dq.assign(sz(s.Sq * s.Hq * D), 0.0f);
+  pl.dk.assign(sz(s.Hq * s.Skv * D), 0.0f);
+  pl.dv.assign(sz(s.Hq * s.Skv * D), 0.0f);
+  pl.mag_dq.assign(sz(s.Sq * s.Hq * D), 0.0);
+  pl.mag_dk.assign(sz(s.Skv * s.Hkv * D), 0.0);
+  pl.mag_dv.assign(sz(s.Skv * s.Hkv * D), 0.0);
+  std::vector<float> acc(static_cast<std::size_t>(D));
+  for (std::int64_t h = 0; h < s.Hq; ++h)
+    for (std::int64_t i = 0; i < s.Sq; ++i) {
+      const std::int64_t last = last_visible_key(i, s.Sq, s.Skv, s.causal);
+      const float* q = &c.q.f[(i * s.Hq + h) * D];
+      const float* g = &c.dout.f[(i * s.Hq + h) * D];
+      const float lse = c.lse[i * s.Hq + h], delta = c.delta[i * s.Hq + h];
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (std::int64_t j = 0; j <= last; ++j) {
+        const std::int64_t kv = j * s.Hkv + h / G;
+        const float* k = &c.k.f[kv * D];
+        const float* v = &c.v.f[kv * D];
+        float sc = 0, dp = 0;
+        for (std::int64_t e = 0; e < D; ++e) sc += q[e] * k[e];
+        for (std::int64_t e = 0; e < D; ++e) dp += g[e] * v[e];
+        const float p = std::exp(sc * scale - lse);
+        const float ds = p * (dp - delta) * scale;
+        const double m = std::abs(static_cast<double>(p)) * (std::abs(dp) + std::abs(delta)) * scale;
+        float* dk = &pl.dk[(h * s.Skv + j) * D];
+        float* dv = &pl.dv[(h * s.Skv + j) * D];
+        for (std::int64_t e = 0; e < D; ++e) {
+          acc[e] += ds * k[e];
+          dk[e] += ds * q[e];
+          dv[e] += p * g[e];
+          pl.mag_dq[(i * s.Hq + h) * D + e] += m * std::abs(k[e]);
+          pl.mag_dk[kv * D + e] += m * std::abs(q[e]);
+          pl.mag_dv[kv * D + e] += std::abs(static_cast<double>(p) * g[e]);
+        }
+      }
+      for (std::int64_t e = 0; e < D; ++e)
+        pl.dq[(i * s.Hq + h) * D + e] = c.dt == DType::bf16 ? round_bf16(acc[e]) : acc[e];
+    }
+  return pl;
+}
+
+struct Reference {
+  std::vector<double> dq, dk, dv;  // dq [Sq][Hq][D]; dk, dv [Skv][Hkv][D]
+  Plain pl;
+};
+
+Reference reference(const Case& c) {
+  const Shape& s = c.s;
+  Reference r;
+  r.dq.resize(sz(s.Sq * s.Hq * s.D));
+  r.dk.resize(sz(s.Skv * s.Hkv * s.D));
+  r.dv.resize(sz(s.Skv * s.Hkv * s.D));
+  reference_attention_backward(c.q.f.data(), c.k.f.data(), c.v.f.data(), c.dout.f.data(), s.Sq, s.Skv,
+                               s.Hq, s.Hkv, s.D, s.scale(), s.causal, r.dq.data(), r.dk.data(),
+                               r.dv.data());
+  r.pl = plain(c);
+  return r;
+}
+
+// Per-q-head partials [Hq][Skv][D] summed over each GQA group in float64: [Skv][Hkv][D].
+std::vector<double> group_sum(const Shape& s, const std::vector<float>& partial) {
+  std::vector<double> out(sz(s.Skv * s.Hkv * s.D), 0.0);
+  for (std::int64_t h = 0; h < s.Hq; ++h)
+    for (std::int64_t j = 0; j < s.Skv; ++j)
+      for (std::int64_t d = 0; d < s.D; ++d)
+        out[(j * s.Hkv + h / s.group()) * s.D + d] += partial[(h * s.Skv + j) * s.D + d];
+  return out;
+}
+
+template <class T>
+double max_err(const std::vector<T>& x, const std::vector<double>& ref, std::size_t n) {
+  double e = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double d = std::abs(static_cast<double>(x[i]) - ref[i]);
+    if (!(d <= e)) e = d;  // NaN propagates
+  }
+  return e;
+}
+
+double max_abs(const std::vector<double>& v, std::size_t n) {
+  double m = 0;
+  for (std::size_t i = 0; i < n; ++i) m = std::max(m, std::abs(v[i]));
+  return m;
+}
+
+void expect_close(const BackwardKernel& k, const Case& c, const Reference& ref, const Result& r) {
+  const Shape& s = c.s;
+  const std::size_t nq = static_cast<std::size_t>(s.Sq * s.Hq * s.D);
+  const std::size_t nkv = static_cast<std::size_t>(s.Skv * s.Hkv * s.D);
+  const double eps = std::ldexp(1.0, -24);
+  const std::string what = std::string(k.name()) + " " + dtype_name(c.dt) + " " + s.str();
+  struct Out {
+    const char* name;
+    double err, plain, tol;
+  };
+  std::vector<Out> outs;
+  {
+    const double e = max_err(r.dq, ref.dq, nq), ep = max_err(ref.pl.dq, ref.dq, nq);
+    double tol = 2 * ep + 2 * eps * max_abs(ref.pl.mag_dq, nq);
+    if (c.dt == DType::bf16) tol += std::ldexp(1.0, -8) * max_abs(ref.dq, nq);
+    outs.push_back({"dq", e, ep, tol});
+  }
+  const std::vector<double> kdk = group_sum(s, r.dk), kdv = group_sum(s, r.dv);
+  const std::vector<double> pdk = group_sum(s, ref.pl.dk), pdv = group_sum(s, ref.pl.dv);
+  {
+    const double e = max_err(kdk, ref.dk, nkv), ep = max_err(pdk, ref.dk, nkv);
+    outs.push_back({"dk", e, ep, 2 * ep + 2 * eps * max_abs(ref.pl.mag_dk, nkv)});
+  }
+  {
+    const double e = max_err(kdv, ref.dv, nkv), ep = max_err(pdv, ref.dv, nkv);
+    outs.push_back({"dv", e, ep, 2 * ep + 2 * eps * max_abs(ref.pl.mag_dv, nkv)});
+  }
+  if (std::getenv("UAA_TEST_VERBOSE")) {
+    std::printf("%s:", what.c_str());
+    for (const Out& o : outs) std::printf("  %s %.3g (plain %.3g, tol %.3g)", o.name, o.err, o.plain, o.tol);
+    std::printf("\n");
+  }
+  for (const Out& o : outs) EXPECT_LE(o.err, o.tol) << what << " " << o.name << " (plain " << o.plain << ")";
+  // Rows without a visible key have dq exactly zero.
+  for (std::int64_t i = 0; i < s.Sq; ++i)
+    if (last_visible_key(i, s.Sq, s.Skv, s.causal) < 0)
+      for (std::int64_t j = 0; j < s.Hq * s.D; ++j)
+        if (r.dq[static_cast<std::size_t>(i * s.Hq * s.D + j)] != 0.0f) {
+          ADD_FAILURE() << what << ": row " << i << " sees no key but has a nonzero dq";
+          return;
+        }
+}
+
+std::vector<const BackwardKernel*> variants() {
+  auto s = flash_backward_kernels_supported();
+  return {s.begin(), s.end()};
+}
+
+const DType kDtypes[] = {DType::f32, DType::bf16};
+
+void check_against_reference(const std::vector<Shape>& shapes) {
+  for (const Shape& s : shapes)
+    for (DType dt : kDtypes) {
+      const Case c = make_case(s, dt);
+      const Reference ref = reference(c);
+      for (const BackwardKernel* k : variants()) {
+        const int threads = (s.Sq * s.Skv * s.Hq > 100000) ? 2 : 1;
+        Options o;
+        o.threads = threads;
+        expect_close(*k, c, ref, run(*k, c, o));
+      }
+    }
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+bool same_bits(const Result& a, const Result& b) {
+  return a.dq_raw == b.dq_raw && same_bits(a.dk, b.dk) && same_bits(a.dv, b.dv);
+}
+
+// ---- the tests ---------------------------------------------------------------------------------
+
+TEST(FlashBackward, VariantsPairWithTheForward) {
+  const auto v = variants();
+  ASSERT_FALSE(v.empty());
+  ASSERT_EQ(v.size(), flash_kernels_supported().size());
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    EXPECT_STREQ(v[i]->name(), flash_kernels_supported()[i]->name());
+    EXPECT_EQ(v[i], &backward_kernel_for(*flash_kernels_supported()[i]));
+    EXPECT_TRUE(v[i]->supports(DType::f32));
+    EXPECT_TRUE(v[i]->supports(DType::bf16));
+  }
+  EXPECT_STREQ(v.back()->name(), "flash_portable");
+  EXPECT_STREQ(backward_kernel_for(reference_kernel()).name(), "flash_portable");
+  EXPECT_STREQ(backward_kernel_for(tiled_f32_kernel()).name(), "flash_portable");
+}
+
+// Self attention at the tile edges (47, 48, 49 rows; 63, 65 keys), GQA group 2.
+TEST(FlashBackward, SelfAttentionLengths) {
+  std::vector<Shape> shapes;
+  for (std::int64_t S : {1, 47, 48, 49, 63, 65, 130, 200})
+    for (bool causal : {false, true}) shapes.push_back({S, S, 2, 1, 64, causal, 2.0f});
+  check_against_reference(shapes);
+}
+
+// Sq != Skv; causal with Sq > Skv leaves rows that see no key (dq 0, no contribution).
+TEST(FlashBackward, CrossLengths) {
+  std::vector<Shape> shapes;
+  for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{47, 130}, {130, 47}, {200, 63},
+                         {1, 200}, {200, 1}, {49, 65}, {65, 49}})
+    for (bool causal : {false, true}) shapes.push_back({sq, skv, 2, 2, 80, causal, 2.0f});
+  check_against_reference(shapes);
+}
+
+// Head dims 64, 128 and 80 (not a multiple of 16) × GQA groups 1, 2, 4 and MQA.
+TEST(FlashBackward, HeadDimsAndGroups) {
+  std::vector<Shape> shapes;
+  for (std::int64_t D : {64, 128, 80})
+    for (auto [hq, hkv] : {std::pair<std::int64_t, std::int64_t>{2, 2}, {4, 2}, {8, 2}, {3, 1}})
+      shapes.push_back({97, 130, hq, hkv, D, (hq + D / 16) % 2 == 0, 2.0f});
+  shapes.push_back({61, 70, 2, 1, 17, true, 2.0f});  // odd: the bf16 pairs are padded
+  check_against_reference(shapes);
+}
+
+// A gentle and a peaky softmax (large dS cancellation and P near 0/1).
+TEST(FlashBackward, GentleAndSharpSoftmax) {
+  check_against_reference({{130, 130, 1, 1, 64, false, 0.25f}, {130, 130, 1, 1, 64, true, 12.0f}});
+}
+
+// Enough key tiles that the dQ tickets order several threads.
+TEST(FlashBackward, LongerSequence) {
+  check_against_reference({{700, 700, 1, 1, 32, true, 2.0f}, {500, 600, 2, 1, 32, false, 2.0f}});
+}
+
+// (a) threads 1, 2, 3 give the same bits (dq's key order is kept across threads).
+TEST(FlashBackward, ThreadCountsBitwiseEqual) {
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (bool causal : {false, true}) {
+        const Shape s{400, 450, 3, 3, 64, causal, 2.0f};
+        const Case c = make_case(s, dt);
+        Options o;
+        const Result one = run(*k, c, o);
+        for (int t : {2, 3}) {
+          o.threads = t;
+          EXPECT_TRUE(same_bits(one, run(*k, c, o)))
+              << k->name() << " " << dtype_name(dt) << " threads " << t << " " << s.str();
+        }
+      }
+}
+
+// (b) random segmentations of the query rows (and of the keys), empty segments included.
+TEST(FlashBackward, SegmentsBitwiseEqualToOneSegment) {
+  test::Rng rng(17);
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (bool causal : {false, true}) {
+        const Shape s{233, 201, 2, 1, 64, causal, 2.0f};
+        const Case c = make_case(s, dt);
+        const Result whole = run(*k, c, {});
+        for (int trial = 0; trial < 3; ++trial) {
+          Options o;
+          o.threads = 1 + trial % 2;
+          for (std::int64_t left = s.Sq; left > 0;) {
+            const std::int64_t n = std::min(left, rng.uniform(0, 100));
+            o.q_cuts.push_back(n);
+            left -= n;
+          }
+          o.q_cuts.push_back(0);
+          for (std::int64_t left = s.Skv; left > 0;) {
+            const std::int64_t n = std::min(left, rng.uniform(0, 90));
+            o.kv_cuts.push_back(n);
+            left -= n;
+          }
+          EXPECT_TRUE(same_bits(whole, run(*k, c, o)))
+              << k->name() << " " << dtype_name(dt) << " " << s.str() << " trial " << trial;
+        }
+      }
+}
+
+// (c) heads [0, H) in one call equal one call per head (and a range of heads inside a group).
+TEST(FlashBackward, HeadSplitBitwiseEqual) {
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes) {
+      const Shape s{150, 140, 6, 2, 64, true, 2.0f};
+      const Case c = make_case(s, dt);
+      const Result all = run(*k, c, {});
+      const std::size_t es = dt == DType::bf16 ? 2 : 4;
+      const std::size_t part = static_cast<std::size_t>(s.Skv * s.D);
+      std::vector<std::pair<std::int64_t, std::int64_t>> splits;
+      for (std::int64_t h = 0; h < s.Hq; ++h) splits.push_back({h, 1});
+      splits.push_back({1, 3});
+      splits.push_back({4, 2});
+      for (auto [h0, nh] : splits) {
+        Options o;
+        o.head_begin = h0;
+        o.head_count = nh;
+        const Result r = run(*k, c, o);
+        const std::string what = std::string(k->name()) + " " + dtype_name(dt) + " heads [" +
+                                 std::to_string(h0) + ", " + std::to_string(h0 + nh) + ")";
+        for (std::int64_t i = 0; i < s.Sq; ++i) {
+          const std::size_t off = static_cast<std::size_t>((i * s.Hq + h0) * s.D) * es;
+          ASSERT_EQ(0, std::memcmp(all.dq_raw.data() + off, r.dq_raw.data() + off, nh * s.D * es))
+              << what << " dq row " << i;
+        }
+        EXPECT_EQ(0, std::memcmp(all.dk.data() + h0 * part, r.dk.data(), nh * part * 4)) << what << " dk";
+        EXPECT_EQ(0, std::memcmp(all.dv.data() + h0 * part, r.dv.data(), nh * part * 4)) << what << " dv";
+      }
+    }
+}
+
+// (d) rows [0, m) then [m, n) with the first call's partials as carry give the one-call partials
+// bitwise (m a multiple of kQueryRowGranule), and the same dq rows; also a three-way chain. Causal
+// with Sq > Skv: the first rows see no key; keys no row of a call sees keep the carry (or 0).
+TEST(FlashBackward, RowSplitWithCarryBitwiseEqual) {
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (const Shape& s : {Shape{200, 130, 2, 1, 80, true, 2.0f}, Shape{200, 230, 2, 2, 64, false, 2.0f},
+                             Shape{250, 250, 1, 1, 64, true, 2.0f}}) {
+        const Case c = make_case(s, dt);
+        const Result whole = run(*k, c, {});
+        const std::size_t part = static_cast<std::size_t>(s.Skv * s.D);
+        for (std::vector<std::int64_t> cuts : {std::vector<std::int64_t>{0, 48, s.Sq},
+                                               std::vector<std::int64_t>{0, 96, s.Sq},
+                                               std::vector<std::int64_t>{0, 48, 144, s.Sq}})
+          for (std::int64_t h = 0; h < s.Hq; ++h) {  // carry is local head 0's: one head per call
+            const std::string what = std::string(k->name()) + " " + dtype_name(dt) + " " + s.str() +
+                                     " head " + std::to_string(h) + " cuts at " + std::to_string(cuts[1]);
+            std::vector<float> dk_carry, dv_carry;
+            for (std::size_t piece = 0; piece + 1 < cuts.size(); ++piece) {
+              Options o;
+              o.head_begin = h;
+              o.head_count = 1;
+              o.row_begin = cuts[piece];
+              o.row_end = cuts[piece + 1];
+              o.threads = 1 + static_cast<int>(piece % 2);
+              if (piece > 0) {
+                o.dk_carry = &dk_carry;
+                o.dv_carry = &dv_carry;
+              }
+              const Result r = run(*k, c, o);
+              // dq rows of this piece, head h.
+              const std::size_t es = dt == DType::bf16 ? 2 : 4;
+              for (std::int64_t i = o.row_begin; i < o.row_end; ++i) {
+                const std::size_t off = static_cast<std::size_t>((i * s.Hq + h) * s.D) * es;
+                ASSERT_EQ(0, std::memcmp(whole.dq_raw.data() + off, r.dq_raw.data() + off, s.D * es))
+                    << what << " dq row " << i;
+              }
+              // Keys no row of the first piece sees: partial exactly 0.
+              if (piece == 0) {
+                const std::int64_t last = last_visible_key(o.row_end - 1, s.Sq, s.Skv, s.causal);
+                for (std::size_t e = static_cast<std::size_t>((last + 1) * s.D); e < part; ++e)
+                  ASSERT_TRUE(r.dk[e] == 0.0f && !std::signbit(r.dk[e]) && r.dv[e] == 0.0f &&
+                              !std::signbit(r.dv[e]))
+                      << what << " unseen key " << e / s.D;
+              }
+              dk_carry = r.dk;
+              dv_carry = r.dv;
+            }
+            EXPECT_EQ(0, std::memcmp(whole.dk.data() + h * part, dk_carry.data(), part * 4)) << what << " dk";
+            EXPECT_EQ(0, std::memcmp(whole.dv.data() + h * part, dv_carry.data(), part * 4)) << what << " dv";
+          }
+      }
+}
+
+// A row range that starts inside a query tile (plans start at multiples of 48, but the kernel tiles
+// from global row 0 whatever q_first is): dq rows are those of one call; the partials of the two
+// calls add up to the one call's.
+TEST(FlashBackward, UnalignedRowRange) {
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes) {
+      const Shape s{150, 140, 1, 1, 64, true, 2.0f};
+      const Case c = make_case(s, dt);
+      const Result whole = run(*k, c, {});
+      Options o1, o2;
+      o1.row_end = o2.row_begin = 20;
+      o2.q_cuts = {7, 0, 123};
+      o2.threads = 2;
+      const Result a = run(*k, c, o1), b = run(*k, c, o2);
+      const std::size_t es = dt == DType::bf16 ? 2 : 4, row = static_cast<std::size_t>(s.Hq * s.D) * es;
+      EXPECT_EQ(0, std::memcmp(whole.dq_raw.data(), a.dq_raw.data(), 20 * row)) << k->name();
+      EXPECT_EQ(0, std::memcmp(whole.dq_raw.data() + 20 * row, b.dq_raw.data() + 20 * row, 130 * row))
+          << k->name();
+      double e = 0, m = 0;
+      for (std::size_t i = 0; i < whole.dk.size(); ++i) {
+        e = std::max(e, std::abs(static_cast<double>(a.dk[i]) + b.dk[i] - whole.dk[i]));
+        e = std::max(e, std::abs(static_cast<double>(a.dv[i]) + b.dv[i] - whole.dv[i]));
+        m = std::max({m, std::abs(static_cast<double>(whole.dk[i])), std::abs(static_cast<double>(whole.dv[i]))});
+      }
+      EXPECT_LE(e, 1e-5 * m) << k->name() << " " << dtype_name(dt);
+    }
+}
+
+// (e) head-major storage with padded rows (NaN padding), padded lse/delta and a strided dq.
+TEST(FlashBackward, StridedLayoutsBitwiseEqual) {
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes) {
+      const Shape s{130, 140, 2, 2, 40, true, 2.0f};
+      const Case c = make_case(s, dt);
+      Options o;
+      o.head_major_padded = true;
+      o.q_cuts = {50, 0, 80};
+      o.kv_cuts = {1, 139};
+      EXPECT_TRUE(same_bits(run(*k, c, {}), run(*k, c, o))) << k->name() << " " << dtype_name(dt);
+    }
+}
+
+// No keys: dq is zero. No rows: the partials are the carry (head 0) or zero.
+TEST(FlashBackward, EmptyKeysAndEmptyRows) {
+  for (const BackwardKernel* k : variants()) {
+    {
+      const Case c = make_case({5, 0, 2, 1, 8, false, 1.0f}, DType::f32);
+      const Result r = run(*k, c, {});
+      for (float x : r.dq) EXPECT_EQ(x, 0.0f) << k->name();
+    }
+    {
+      const Case c = make_case({96, 70, 2, 1, 8, true, 1.0f}, DType::f32);
+      std::vector<float> carry(70 * 8);
+      for (std::size_t i = 0; i < carry.size(); ++i) carry[i] = 0.5f + static_cast<float>(i);
+      Options o;
+      o.row_begin = o.row_end = 48;
+      o.dk_carry = o.dv_carry = &carry;
+      const Result r = run(*k, c, o);
+      for (std::size_t i = 0; i < carry.size(); ++i) {
+        ASSERT_EQ(r.dk[i], carry[i]) << k->name();
+        ASSERT_EQ(r.dv[i], carry[i]) << k->name();
+        ASSERT_EQ(r.dk[carry.size() + i], 0.0f) << k->name();
+        ASSERT_EQ(r.dv[carry.size() + i], 0.0f) << k->name();
+      }
+    }
+  }
+}
+
+// ordered_dq = false (benchmarks): dk/dv are unchanged; dq is close, and bitwise with one thread.
+TEST(FlashBackward, UnorderedDqIsClose) {
+  for (const BackwardKernel* k : variants()) {
+    const Shape s{300, 300, 2, 1, 64, false, 2.0f};
+    const Case c = make_case(s, DType::f32);
+    const Result ordered = run(*k, c, {});
+    Options o;
+    o.ordered_dq = false;
+    EXPECT_TRUE(same_bits(ordered, run(*k, c, o))) << k->name();
+    o.threads = 2;
+    const Result r = run(*k, c, o);
+    EXPECT_TRUE(same_bits(ordered.dk, r.dk) && same_bits(ordered.dv, r.dv)) << k->name();
+    double e = 0, m = 0;
+    for (std::size_t i = 0; i < r.dq.size(); ++i) {
+      e = std::max(e, static_cast<double>(std::abs(r.dq[i] - ordered.dq[i])));
+      m = std::max(m, static_cast<double>(std::abs(ordered.dq[i])));
+    }
+    EXPECT_LE(e, 1e-5 * m) << k->name();
+  }
+}
+
+}  // namespace
+}  // namespace uaa::detail

@@ -77,6 +77,17 @@ struct AttentionShape {
   bool return_lse = false;    // forward() also returns the log-sum-exp of every (token, head)
 };
 
+// The order in which backward() sums dK/dV over the query rows of a head that two ranks share.
+//   canonical  the single-rank order: the later rank continues the earlier rank's sums (a carry
+//              message). Gradients are bitwise the single-rank run's for every partition. Costs one
+//              message per shared head when every rank also holds other work; when a rank's rows
+//              lie inside one head (more ranks than query heads) those ranks run one after another.
+//   by_rank    each rank sums its own rows; the key owner adds the per-rank sums in rank order. No
+//              waiting, deterministic run to run and for every thread count, but when a head is
+//              shared the last bits depend on where the ranks' rows are cut (bitwise the
+//              single-rank run only when no head is shared, e.g. q_heads divisible by the ranks).
+enum class BackwardOrder : std::uint8_t { canonical = 0, by_rank = 1 };
+
 // Choices that are not part of the attention itself; every rank must make the same ones (they are
 // part of the plan's fingerprint).
 struct PlanOptions {
@@ -86,6 +97,7 @@ struct PlanOptions {
   // 1-rank results holds only when every rank runs the same kernel. true allows them: results
   // then agree with the float64 reference within the kernels' tolerance, not bitwise.
   bool allow_mixed_kernels = false;
+  BackwardOrder backward_order = BackwardOrder::canonical;  // see above
 };
 
 inline constexpr std::int64_t kMaxHeadDim = 256;

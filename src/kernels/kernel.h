@@ -115,7 +115,9 @@ struct BackwardProblem {
   void* scratch = nullptr;  // backward_scratch_bytes(problem) bytes, 64-byte aligned
   float* dk_partial = nullptr;  // [q_heads][kv_total][head_dim] fp32 (may be null when kv_total == 0)
   float* dv_partial = nullptr;
-  const float* dk_carry = nullptr;  // [kv_total][head_dim]: start of local head 0's chain, or null
+  // [kv_total][head_dim]: start of local head 0's chain, or null. May be dk_partial itself (a rank
+  // continuing its own head in a later step): read before written, per key.
+  const float* dk_carry = nullptr;
   const float* dv_carry = nullptr;
   // Benchmarks only: false lets threads add their dQ contributions in any order (the fastest
   // non-deterministic variant, to measure what the ordered chain costs). Results then depend on

@@ -91,6 +91,7 @@ std::uint64_t fingerprint_of(const AttentionShape& s, const PlanOptions& o,
   f.add(s.scale);
   f.add(static_cast<std::uint8_t>(o.strategy));
   f.add(static_cast<std::uint8_t>(o.allow_mixed_kernels));
+  f.add(static_cast<std::uint8_t>(o.backward_order));
   return f.h;
 }
 
@@ -113,7 +114,8 @@ Geometry geometry_of(const PlanData& d) {
 const BackwardProgram& backward_program(const PlanData& d) {
   std::call_once(d.backward_once, [&] {
     d.backward = std::make_unique<const BackwardProgram>(
-        compile_uaa_backward(geometry_of(d), d.work, d.rank));
+        compile_uaa_backward(geometry_of(d), d.work, d.rank,
+                             d.options.backward_order == BackwardOrder::canonical));
   });
   return *d.backward;
 }

@@ -13,6 +13,7 @@
 // itself: the reduce reads its own partial area then).
 #include <algorithm>
 
+#include "kernels/kernel.h"
 #include "program/builder.h"
 #include "program/program.h"
 
@@ -28,11 +29,16 @@ struct BackwardGeometry {
   const int P;
   const std::int64_t row, f32_row;  // a dtype row and an fp32 row of head_dim
   std::vector<int> prev_busy, next_busy;  // nearest rank with work before / after (-1 / P: none)
-  std::vector<int> completer;             // per q head: the rank holding its last row (-1: none)
+  const bool canonical;                   // BackwardOrder::canonical (else by_rank: no carries)
+  // The ranks whose sums of q head h reach the key owners: canonical, the one holding its last row;
+  // by_rank, every busy rank holding rows of it (consecutive busy ranks). -1: none (no rows).
+  std::vector<int> first_contrib, last_contrib;
+  std::vector<std::int64_t> slot_base;    // per q head: its first reduce slot (prefix sums)
+  std::vector<int> busy_before;           // busy ranks before rank x
 
-  BackwardGeometry(const Geometry& geo, const std::vector<RankWork>& w)
+  BackwardGeometry(const Geometry& geo, const std::vector<RankWork>& w, bool canonical_order)
       : g(geo), work(w), G(geo, w), P(static_cast<int>(geo.q_lens.size())),
-        row(geo.head_dim * geo.elem_bytes), f32_row(geo.head_dim * 4) {
+        row(geo.head_dim * geo.elem_bytes), f32_row(geo.head_dim * 4), canonical(canonical_order) {
     prev_busy.assign(P, -1);
     next_busy.assign(P, P);
     for (int x = 1, last = -1; x < P; ++x) {
@@ -43,19 +49,37 @@ struct BackwardGeometry {
       if (work[x + 1].pieces > 0) next = x + 1;
       next_busy[x] = next;
     }
-    completer.assign(static_cast<std::size_t>(g.q_heads), -1);
+    first_contrib.assign(static_cast<std::size_t>(g.q_heads), -1);
+    last_contrib.assign(static_cast<std::size_t>(g.q_heads), -1);
+    busy_before.assign(static_cast<std::size_t>(P) + 1, 0);
     for (int x = 0; x < P; ++x) {
+      busy_before[x + 1] = busy_before[x] + (work[x].pieces > 0 ? 1 : 0);
       const HeadRange done = completed_heads(x);
-      for (std::int64_t h = done.begin; h < done.end; ++h) completer[h] = x;
+      for (std::int64_t h = done.begin; h < done.end; ++h) {
+        if (first_contrib[h] < 0) first_contrib[h] = x;
+        last_contrib[h] = x;
+      }
     }
+    slot_base.assign(static_cast<std::size_t>(g.q_heads) + 1, 0);
+    for (std::int64_t h = 0; h < g.q_heads; ++h)
+      slot_base[h + 1] = slot_base[h] + (first_contrib[h] < 0 ? 0 : contributors(h));
+  }
+  std::int64_t contributors(std::int64_t h) const {
+    return busy_before[last_contrib[h] + 1] - busy_before[first_contrib[h]];
+  }
+  // The reduce slot, on any key owner, of the sums of q head h that rank y contributes.
+  std::int64_t slot_of(std::int64_t h, int y) const {
+    return slot_base[h] + busy_before[y] - busy_before[first_contrib[h]];
   }
 
   // x continues a head whose earlier rows another rank holds (its piece 0 starts past row 0).
-  bool carry_in(int x) const { return work[x].pieces > 0 && work[x].piece[0].rows.begin > 0; }
+  bool carry_in(int x) const {
+    return canonical && work[x].pieces > 0 && work[x].piece[0].rows.begin > 0;
+  }
   // x's last head ends before the last row (the next busy rank continues it).
   bool carry_out(int x) const {
     const RankWork& w = work[x];
-    return w.pieces > 0 && w.piece[w.pieces - 1].rows.end < G.q_total();
+    return canonical && w.pieces > 0 && w.piece[w.pieces - 1].rows.end < G.q_total();
   }
   HeadRange completed_heads(int x) const {
     HeadRange h = work[x].q_heads;
@@ -89,7 +113,7 @@ struct BackwardGeometry {
     at += carry;
     a.carry_dv = at;
     at += carry;
-    const std::int64_t reduce = align(g.q_heads * g.kv_lens[x] * f32_row);
+    const std::int64_t reduce = align(slot_base[g.q_heads] * g.kv_lens[x] * f32_row);
     a.reduce_dk = at;
     at += reduce;
     a.reduce_dv = at;
@@ -142,8 +166,9 @@ void finalize(BackwardProgram& p) {
   }
 }
 
-BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWork>& work, int r) {
-  const BackwardGeometry B(g, work);
+BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWork>& work, int r,
+                                     bool canonical) {
+  const BackwardGeometry B(g, work, canonical);
   const UaaGeometry& G = B.G;
   const int P = B.P;
   const std::int64_t row = B.row, f32_row = B.f32_row, kv_total = G.kv_total();
@@ -200,37 +225,44 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
   const UaaGeometry::InAreas fwd_mine = G.in_areas(r);
   const BackwardGeometry::InAreas in_mine = B.in_areas(r);
   const BackwardGeometry::OutAreas out_mine = B.out_areas(r);
-  for (int i = 0; i < mine.pieces; ++i) {
-    const WorkPiece& p = mine.piece[i];
-    const std::int64_t nh = p.heads.size(), nkv = mine.kv_heads.size();
+  // One step: query heads `heads` over rows `rows` of piece i (rows within one head when heads has
+  // more than one head: then rows are the piece's). `carry`: where head 0's chain starts.
+  enum class Start { zero, received, self };
+  auto make_step = [&](int i, HeadRange heads, RowRange rows, Start start) {
+    const WorkPiece& piece = mine.piece[i];
+    const std::int64_t nh = heads.size(), nkv = mine.kv_heads.size();
+    const std::int64_t pitch = piece.heads.size();  // staging rows hold the piece's heads
+    const std::int64_t h_off = heads.begin - piece.heads.begin;
     BackwardStep c;
-    c.q_head_begin = p.heads.begin;
+    c.q_head_begin = heads.begin;
     c.q_heads = nh;
     c.kv_head_begin = mine.kv_heads.begin;
-    c.q_first = p.rows.begin;
+    c.q_first = rows.begin;
     c.q_total = G.q_total();
     c.kv_total = kv_total;
     c.causal = g.causal;
+    const WorkPiece sub{heads, rows};
     for (int s = 0; s < P; ++s) {
-      const RowRange rows = rows_held(p, G.tokens(s));
-      if (rows.size() == 0) continue;
+      const RowRange held = rows_held(sub, G.tokens(s));
+      if (held.size() == 0) continue;
       BackwardQuerySegment q;
-      q.tokens = rows.size();
+      q.tokens = held.size();
       q.dense_heads = nh;
       if (s == r) {
-        const std::int64_t t = rows.begin - my_tokens.begin;
-        q.q = tensor(Slot::q, t, p.heads.begin);
-        q.dout = tensor(Slot::dout, t, p.heads.begin);
-        q.lse = tensor(Slot::lse, t, p.heads.begin);
-        q.delta = tensor(Slot::delta, t, p.heads.begin);
-        q.dq = tensor(Slot::dq, t, p.heads.begin);
+        const std::int64_t t = held.begin - my_tokens.begin;
+        q.q = tensor(Slot::q, t, heads.begin);
+        q.dout = tensor(Slot::dout, t, heads.begin);
+        q.lse = tensor(Slot::lse, t, heads.begin);
+        q.delta = tensor(Slot::delta, t, heads.begin);
+        q.dq = tensor(Slot::dq, t, heads.begin);
       } else {
-        const std::int64_t before = G.rows_before(r, i, s);
-        q.q = staged(Slot::saved, fwd_mine.q[i] + before * nh * row);
-        q.dout = staged(Slot::stage_in, in_mine.dout[i] + before * nh * row);
-        q.lse = staged(Slot::stage_in, in_mine.lse[i] + before * nh * 4);
-        q.delta = staged(Slot::stage_in, in_mine.delta[i] + before * nh * 4);
-        q.dq = staged(Slot::stage_out, out_mine.dq[i] + before * nh * row);
+        // Rows of rank s inside the piece's staging area: pitch = the piece's heads.
+        const std::int64_t before = G.rows_before(r, i, s) + (held.begin - rows_held(piece, G.tokens(s)).begin);
+        q.q = staged(Slot::saved, fwd_mine.q[i] + (before * pitch + h_off) * row, pitch);
+        q.dout = staged(Slot::stage_in, in_mine.dout[i] + (before * pitch + h_off) * row, pitch);
+        q.lse = staged(Slot::stage_in, in_mine.lse[i] + (before * pitch + h_off) * 4, pitch);
+        q.delta = staged(Slot::stage_in, in_mine.delta[i] + (before * pitch + h_off) * 4, pitch);
+        q.dq = staged(Slot::stage_out, out_mine.dq[i] + (before * pitch + h_off) * row, pitch);
       }
       c.q.push_back(q);
     }
@@ -249,13 +281,78 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
       }
       c.kv.push_back(k);
     }
-    const std::int64_t head0 = B.partial_offset(r, p.heads.begin, 0);
+    const std::int64_t head0 = B.partial_offset(r, heads.begin, 0);
     c.dk_partial = staged(Slot::stage_out, out_mine.partial_dk + head0);
     c.dv_partial = staged(Slot::stage_out, out_mine.partial_dv + head0);
+    c.dk_carry = start == Start::received ? staged(Slot::stage_in, in_mine.carry_dk)
+                 : start == Start::self   ? c.dk_partial
+                                          : pad();
+    c.dv_carry = start == Start::received ? staged(Slot::stage_in, in_mine.carry_dv)
+                 : start == Start::self   ? c.dv_partial
+                                          : pad();
+    return c;
+  };
+
+  // Schedule. The carries of all ranks are exchanged at one meeting point (carry1), placed at the
+  // same modelled time T on every rank: T = the largest work any rank must do before it can send
+  // (its piece that ends early, run first). Before T a rank runs that piece, then whole heads up to
+  // T (the head at T split at a 48-row multiple and continued in place afterwards); after T the
+  // rest, and last the piece that continues a head from the received carry. With balanced work no
+  // rank waits for a carry; before this schedule (carry sent after all other work) the rank
+  // continuing a shared head waited for its predecessor's whole phase.
+  auto piece_work = [&](const WorkPiece& p) {
+    return static_cast<double>(visible_key_pairs(p.rows.begin, p.rows.size(), G.q_total(), kv_total,
+                                                 g.causal)) * static_cast<double>(p.heads.size());
+  };
+  double meet = 0;
+  for (int x = 0; x < P; ++x)
+    if (B.carry_out(x) && !(work[x].pieces == 1 && B.carry_in(x)))
+      meet = std::max(meet, piece_work(work[x].piece[work[x].pieces - 1]));
+  const bool chain = mine.pieces == 1 && B.carry_in(r) && B.carry_out(r);
+  const bool meets = B.carry_in(r) || B.carry_out(r);
+  double before_meet = 0;
+  for (int i = 0; i < mine.pieces; ++i) {  // the piece that ends early first (it is the last piece)
+    const WorkPiece& p = mine.piece[i];
     const bool continues = i == 0 && B.carry_in(r);
-    c.dk_carry = continues ? staged(Slot::stage_in, in_mine.carry_dk) : pad();
-    c.dv_carry = continues ? staged(Slot::stage_in, in_mine.carry_dv) : pad();
-    (continues ? prog.phase2 : prog.phase1).push_back(std::move(c));
+    const bool ends_early = i == mine.pieces - 1 && B.carry_out(r);
+    if (continues || !ends_early) continue;
+    prog.phase1.push_back(make_step(i, p.heads, p.rows, Start::zero));
+    before_meet += piece_work(p);
+  }
+  for (int i = 0; i < mine.pieces; ++i) {  // whole heads, split at the meeting point
+    const WorkPiece& p = mine.piece[i];
+    const bool continues = i == 0 && B.carry_in(r);
+    const bool ends_early = i == mine.pieces - 1 && B.carry_out(r);
+    if (continues || ends_early) continue;
+    const double head_work = piece_work(WorkPiece{{p.heads.begin, p.heads.begin + 1}, p.rows});
+    const double budget = meets ? std::max(0.0, meet - before_meet) : piece_work(p);
+    std::int64_t whole = head_work > 0 ? static_cast<std::int64_t>(budget / head_work) : p.heads.size();
+    whole = std::min(whole, p.heads.size());
+    const HeadRange first{p.heads.begin, p.heads.begin + whole};
+    if (first.size() > 0) prog.phase1.push_back(make_step(i, first, p.rows, Start::zero));
+    if (whole == p.heads.size()) continue;
+    // The head at the meeting point: rows [rows.begin, cut) before, [cut, rows.end) after.
+    const std::int64_t h = p.heads.begin + whole;
+    const double rest = budget - static_cast<double>(whole) * head_work;
+    std::int64_t lo = 0, hi = (p.rows.size() + kQueryRowGranule - 1) / kQueryRowGranule;
+    while (lo < hi) {  // the first cut (in granules) whose work reaches `rest`
+      const std::int64_t mid = (lo + hi) / 2;
+      const std::int64_t n = std::min(mid * kQueryRowGranule, p.rows.size());
+      if (static_cast<double>(visible_key_pairs(p.rows.begin, n, G.q_total(), kv_total, g.causal)) < rest)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    const std::int64_t cut = p.rows.begin + std::min(lo * kQueryRowGranule, p.rows.size());
+    if (cut > p.rows.begin)
+      prog.phase1.push_back(make_step(i, {h, h + 1}, {p.rows.begin, cut}, Start::zero));
+    prog.phase2.push_back(make_step(i, {h, h + 1}, {cut, p.rows.end},
+                                    cut > p.rows.begin ? Start::self : Start::zero));
+    if (h + 1 < p.heads.end) prog.phase2.push_back(make_step(i, {h + 1, p.heads.end}, p.rows, Start::zero));
+  }
+  if (mine.pieces > 0 && B.carry_in(r)) {  // the continued head, last
+    const WorkPiece& p = mine.piece[0];
+    prog.phase2.push_back(make_step(0, p.heads, p.rows, Start::received));
   }
 
   // Carries: `from` passes the sums of its last head's rows to the next busy rank, which
@@ -273,7 +370,7 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
     b.end_peer();
   };
   if (B.carry_out(r)) {
-    const bool late = mine.pieces == 1 && B.carry_in(r);
+    const bool late = chain;
     ExchangeStep& s = late ? prog.carry2 : prog.carry1;
     StepBuilder send(s.send_parts, s.send);
     carry_parts(send, r, B.next_busy[r]);
@@ -305,9 +402,9 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
       for (std::int64_t h = done.begin; h < done.end; ++h) {
         const std::int64_t src = B.partial_offset(from, h, G.kv_start[to]);
         b.add(n, 1, f32_row, staged(Slot::stage_out, at.partial_dk + src),
-              staged(Slot::stage_in, dst.reduce_dk + h * n * f32_row));
+              staged(Slot::stage_in, dst.reduce_dk + B.slot_of(h, from) * n * f32_row));
         b.add(n, 1, f32_row, staged(Slot::stage_out, at.partial_dv + src),
-              staged(Slot::stage_in, dst.reduce_dv + h * n * f32_row));
+              staged(Slot::stage_in, dst.reduce_dv + B.slot_of(h, from) * n * f32_row));
       }
     }
     b.end_peer();
@@ -329,18 +426,21 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
     red.term_begin[kvh] = static_cast<std::uint32_t>(red.terms.size());
     if (n == 0) continue;
     for (std::int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-      const int c = B.completer[h];
-      if (c < 0) continue;  // no query rows at all: the gradients are zero
-      ReduceTerm t;
-      if (c == r) {
-        const std::int64_t off = B.partial_offset(r, h, G.kv_start[r]);
-        t.dk = staged(Slot::stage_out, out_mine.partial_dk + off);
-        t.dv = staged(Slot::stage_out, out_mine.partial_dv + off);
-      } else {
-        t.dk = staged(Slot::stage_in, in_mine.reduce_dk + h * n * f32_row);
-        t.dv = staged(Slot::stage_in, in_mine.reduce_dv + h * n * f32_row);
+      if (B.first_contrib[h] < 0) continue;  // no query rows at all: the gradients are zero
+      for (int y = B.first_contrib[h]; y <= B.last_contrib[h]; ++y) {
+        if (work[y].pieces == 0) continue;
+        ReduceTerm t;
+        if (y == r) {
+          const std::int64_t off = B.partial_offset(r, h, G.kv_start[r]);
+          t.dk = staged(Slot::stage_out, out_mine.partial_dk + off);
+          t.dv = staged(Slot::stage_out, out_mine.partial_dv + off);
+        } else {
+          const std::int64_t off = B.slot_of(h, y) * n * f32_row;
+          t.dk = staged(Slot::stage_in, in_mine.reduce_dk + off);
+          t.dv = staged(Slot::stage_in, in_mine.reduce_dv + off);
+        }
+        red.terms.push_back(t);
       }
-      red.terms.push_back(t);
     }
   }
   red.term_begin[g.kv_heads] = static_cast<std::uint32_t>(red.terms.size());

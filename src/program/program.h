@@ -180,7 +180,11 @@ struct RankWork;
 Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work, int rank);
 Program compile_padded_forward(const Geometry& g, int rank);  // ulysses and ulysses_pad
 Program compile_allgather_kv_forward(const Geometry& g, int rank);
-BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWork>& work, int rank);
+// canonical: the bitwise partition-invariant order (carries between ranks sharing a head);
+// false: PlanOptions::backward_order == by_rank (no carries; a shared head's per-rank sums are
+// added at the key owner in rank order).
+BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWork>& work, int rank,
+                                     bool canonical = true);
 
 // Fills the derived sizes of a generated program (every generator ends with it).
 void finalize(Program& p);

@@ -47,6 +47,7 @@ struct Case {
   std::uint64_t seed;
   DType dtype = DType::f32;
   bool zero_lens = false;  // some ranks hold no token at all (and one holds one)
+  BackwardOrder order = BackwardOrder::canonical;
 };
 
 std::string case_name(const Case& c) {
@@ -56,7 +57,7 @@ std::string case_name(const Case& c) {
   os << "h" << c.hq << "kv" << c.hkv << "d" << c.dim << "_" << (c.causal ? "causal" : "full") << "_"
      << cross[int(c.cross)] << "_" << layout[int(c.layout)] << "_" << (c.saved ? "saved" : "recompute")
      << "_max" << c.max_len << "_s" << c.seed << (c.dtype == DType::bf16 ? "_bf16" : "")
-     << (c.zero_lens ? "_zeros" : "");
+     << (c.zero_lens ? "_zeros" : "") << (c.order == BackwardOrder::by_rank ? "_byRank" : "");
   return os.str();
 }
 void PrintTo(const Case& c, std::ostream* os) { *os << case_name(c); }
@@ -262,9 +263,16 @@ TEST_P(BackwardCase, MatchesReferenceAndSingleRankBitwise) {
   auto world = make_mpi_communicator(MPI_COMM_WORLD);
   auto self = make_mpi_communicator(MPI_COMM_SELF);
   Buffers mine = make_buffers(pb, dout, c.layout, pb.q_first(me), q_lens[me], pb.kv_first(me), kv_lens[me]);
+  PlanOptions options;
+  options.backward_order = c.order;
+  bool shared_head = false;  // some head's rows are split between ranks
+  Buffers again = make_buffers(pb, dout, c.layout, pb.q_first(me), q_lens[me], pb.kv_first(me), kv_lens[me]);
   const Outcome run = capture([&] {
-    const Plan plan = Plan::create(*world, shape, q_lens[me], kv_lens[me]);
+    const Plan plan = Plan::create(*world, shape, q_lens[me], kv_lens[me], options);
+    for (int r = 0; r < P; ++r)
+      shared_head = shared_head || plan.work(r).first_row != 0 || plan.work(r).end_row != 0;
     run_both(plan, mine, c.saved);
+    if (c.order == BackwardOrder::by_rank) run_both(plan, again, c.saved);  // determinism
   });
   // The single-rank run, with another thread count: the gradients may not depend on it either.
   Buffers whole = make_buffers(pb, dout, Layout::contiguous, 0, pb.q_total(), 0, pb.kv_total());
@@ -314,6 +322,13 @@ TEST_P(BackwardCase, MatchesReferenceAndSingleRankBitwise) {
       EXPECT_LE(err, tol) << names[t] << " error " << err << " vs plain " << plain_err;
     }
     if (!ran) continue;
+    if (c.order == BackwardOrder::by_rank) {
+      const StridedBuffer* second[] = {&again.dq, &again.dk, &again.dv};
+      EXPECT_TRUE(dist[t]->same_bits_as(*second[t])) << "rank " << me << ": " << names[t]
+                                                      << " differs between two identical runs";
+      // dq never depends on the order; dk/dv are the single-rank bits when no head is shared.
+      if (t > 0 && shared_head) continue;
+    }
     const std::vector<float> ref_bits = single[t]->dense();
     if (std::getenv("UAA_TEST_DEBUG") && !same_bits(got.data(), ref_bits.data() + off, n)) {
       int shown = 0;
@@ -350,6 +365,9 @@ const Case kCases[] = {
     {6, 3, 16, false, Cross::kv_longer, Layout::padded, false, 80, 13, DType::bf16},
     {2, 2, 16, true, Cross::kv_shorter, Layout::contiguous, true, 100, 14, DType::f32, true},
     {5, 5, 8, true, Cross::self, Layout::contiguous, false, 100, 15, DType::f32, true},
+    // BackwardOrder::by_rank: within tolerance, deterministic; bitwise when no head is shared.
+    {3, 1, 16, true, Cross::self, Layout::contiguous, true, 120, 16, DType::f32, false, BackwardOrder::by_rank},
+    {8, 4, 8, false, Cross::kv_longer, Layout::head_major, false, 60, 17, DType::f32, false, BackwardOrder::by_rank},
 };
 
 INSTANTIATE_TEST_SUITE_P(Backward, BackwardCase, ::testing::ValuesIn(kCases),

@@ -4,11 +4,10 @@
 //              from r in the same order; the carries r sends to j (carry1 then carry2) are the ones
 //              j receives from r in carry1;
 //   [bounds]   every staging place lies inside its area (stage_in, stage_out, saved) of that rank;
-//   [chain]    each head's rows are covered in order: a rank continues a head (phase2, carry in)
-//              exactly when the rank before it with work ended inside that head, and the head
-//              rows of every query head are computed exactly once;
-//   [reduce]   every rank's reduce has, per kv head, one term per q head of its group, in
-//              ascending order (none when there are no query rows);
+//   [chain]    each head's rows are covered once, in order; a step past row 0 continues a chain:
+//              from the received carry (canonical order) or in place; by_rank: no carries;
+//   [reduce]   every rank's reduce has, per kv head, one term per q head of its group (by_rank: one
+//              per rank holding rows of it), in ascending order (none when there are no query rows);
 //   [bytes]    over all ranks, bytes sent equal bytes received, per mode; saved mode moves less.
 #include <gtest/gtest.h>
 
@@ -76,12 +75,12 @@ std::string check_place(const Place& p, std::int64_t tokens, std::int64_t heads,
   return {};
 }
 
-std::string check_geometry(const Geometry& g) {
+std::string check_geometry(const Geometry& g, bool canonical) {
   const int P = static_cast<int>(g.q_lens.size());
   const auto work = detail::split_work(
       detail::work_input(g.q_lens, g.kv_lens, g.q_heads, g.kv_heads, g.causal));
   std::vector<BackwardProgram> progs;
-  for (int r = 0; r < P; ++r) progs.push_back(detail::compile_uaa_backward(g, work, r));
+  for (int r = 0; r < P; ++r) progs.push_back(detail::compile_uaa_backward(g, work, r, canonical));
   std::int64_t q_total = 0;
   for (auto x : g.q_lens) q_total += x;
   const std::int64_t row = g.head_dim * g.elem_bytes, f32_row = g.head_dim * 4;
@@ -132,13 +131,17 @@ std::string check_geometry(const Geometry& g) {
             return "[bounds] rank " + std::to_string(r) + " partial: " + e;
       }
   }
-  // [chain]: rows of every (head) computed exactly once, in order across ranks.
+  // [chain]: the rows of every head are computed exactly once, in ascending order: across ranks in
+  // rank order, and within a rank in execution order (phase1, then phase2). A step that starts past
+  // row 0 continues a chain: from the received carry when it is the rank's first rows of that head,
+  // else in place (its carry is its own partial area).
   std::map<std::int64_t, std::int64_t> next_row;  // head -> first row not yet computed
   for (int r = 0; r < P; ++r) {
     const BackwardProgram& p = progs[r];
+    std::map<std::int64_t, bool> seen;  // heads this rank has computed rows of
     std::vector<const detail::BackwardStep*> steps;
-    for (const auto& c : p.phase2) steps.push_back(&c);  // the continued head comes first
     for (const auto& c : p.phase1) steps.push_back(&c);
+    for (const auto& c : p.phase2) steps.push_back(&c);
     for (const auto* c : steps) {
       std::int64_t rows = 0;
       for (const auto& q : c->q) rows += q.tokens;
@@ -146,11 +149,22 @@ std::string check_geometry(const Geometry& g) {
         if (next_row[h] != c->q_first)
           return "[chain] rank " + std::to_string(r) + " head " + std::to_string(h) + " starts at row " +
                  std::to_string(c->q_first) + ", expected " + std::to_string(next_row[h]);
-        const bool continues = c->dk_carry.slot != Slot::pad;
-        if (continues != (c->q_first > 0))
-          return "[chain] rank " + std::to_string(r) + " carry flag wrong for head " + std::to_string(h);
         next_row[h] = c->q_first + rows;
       }
+      const bool first_of_head = !seen[c->q_head_begin];
+      for (std::int64_t h = c->q_head_begin; h < c->q_head_begin + c->q_heads; ++h) seen[h] = true;
+      const Slot carry = c->dk_carry.slot;
+      const Slot want = c->q_first == 0 ? Slot::pad
+                        : first_of_head ? (canonical ? Slot::stage_in : Slot::pad)
+                                        : Slot::stage_out;
+      if (carry != want || c->dv_carry.slot != want)
+        return "[chain] rank " + std::to_string(r) + " head " + std::to_string(c->q_head_begin) +
+               " rows from " + std::to_string(c->q_first) + ": carry from " + detail::slot_name(carry) +
+               ", expected " + detail::slot_name(want);
+      if (c->q_heads > 1 && c->q_first != 0)
+        return "[chain] a step of several heads must cover whole heads";
+      if (want == Slot::stage_out && !same_place(c->dk_carry, c->dk_partial))
+        return "[chain] an in-place continuation must read its own partial sums";
     }
   }
   for (std::int64_t h = 0; h < g.q_heads && q_total > 0; ++h)
@@ -161,7 +175,15 @@ std::string check_geometry(const Geometry& g) {
     const auto& red = progs[r].reduce;
     for (std::int64_t kvh = 0; kvh < g.kv_heads; ++kvh) {
       const std::int64_t n = red.term_begin[kvh + 1] - red.term_begin[kvh];
-      const std::int64_t want = (q_total > 0 && g.kv_lens[r] > 0) ? group : 0;
+      std::int64_t want = 0;  // canonical: one term per q head; by_rank: one per rank holding its rows
+      for (std::int64_t h = kvh * group; h < (kvh + 1) * group && q_total > 0 && g.kv_lens[r] > 0; ++h) {
+        if (canonical) {
+          ++want;
+          continue;
+        }
+        for (const auto& w : work)
+          want += w.q_heads.begin <= h && h < w.q_heads.end && w.pieces > 0;
+      }
       if (n != want)
         return "[reduce] rank " + std::to_string(r) + " kv head " + std::to_string(kvh) + " has " +
                std::to_string(n) + " terms, expected " + std::to_string(want);
@@ -202,8 +224,9 @@ TEST(BackwardProgram, RandomGeometries) {
       g.q_lens.push_back(rng.uniform(0, 3) == 0 ? 0 : rng.uniform(0, max_len));
       g.kv_lens.push_back(rng.uniform(0, 3) == 0 ? 0 : rng.uniform(0, max_len));
     }
-    const std::string e = check_geometry(g);
-    ASSERT_EQ(e, "") << "trial " << trial << ": P " << P << " hq " << g.q_heads << " hkv " << g.kv_heads
+    const bool canonical = trial % 3 != 2;
+    const std::string e = check_geometry(g, canonical);
+    ASSERT_EQ(e, "") << (canonical ? "canonical" : "by_rank") << " trial " << trial << ": P " << P << " hq " << g.q_heads << " hkv " << g.kv_heads
                      << " causal " << g.causal;
   }
 }

@@ -51,6 +51,9 @@ Run:
   --backward-mode M    saved (default: forward() keeps the q/k/v rows it received in a
                        SavedForward, the backward moves only dO in and dQ/dK/dV out) or
                        recompute (no SavedForward: the backward moves q/k/v rows in again)
+  --backward-order O   canonical (default: gradients bitwise the single-rank run's for every
+                       split) or by_rank (a head shared by two ranks is summed per rank and added
+                       in rank order: no carry message; see PlanOptions::backward_order)
   --load DIR           read DIR/q.npy [Sq,Hq,D], DIR/k.npy and DIR/v.npy [Skv,Hkv,D] (float32);
                        with --backward also DIR/dout.npy [Sq,Hq,D] (required then)
   --save DIR           write DIR/q.npy, k.npy, v.npy (the inputs the kernel saw, as float32: bf16
@@ -159,6 +162,8 @@ std::vector<OptionValue> canonical_options(const RunOptions& o) {
   flag("--check", o.check);
   flag("--backward", o.backward);
   valued("--backward-mode", true, o.backward_saved ? "saved" : "recompute");
+  valued("--backward-order", true,
+         o.backward_order == BackwardOrder::canonical ? "canonical" : "by_rank");
   valued("--load", !o.load_dir.empty(), o.load_dir);
   valued("--save", !o.save_dir.empty(), o.save_dir);
   flag("--json", o.json);
@@ -207,7 +212,8 @@ RunOptions parse_run_args(std::span<const char* const> args) {
     static const std::set<std::string> flags = {"--causal", "--check", "--backward", "--json"};
     static const std::set<std::string> valued = {
         "--lens",  "--seq",   "--kv-lens", "--kv-seq", "--heads",    "--kv-heads",     "--head-dim",
-        "--dtype", "--iters", "--seed",    "--load",   "--save",     "--strategy", "--backward-mode"};
+        "--dtype", "--iters", "--seed",    "--load",   "--save",     "--strategy", "--backward-mode",
+        "--backward-order"};
     if (flags.count(name)) {
       if (inline_value) throw ArgError(name + " takes no value");
     } else if (valued.count(name)) {
@@ -249,6 +255,10 @@ RunOptions parse_run_args(std::span<const char* const> args) {
       if (value == "saved") o.backward_saved = true;
       else if (value == "recompute") o.backward_saved = false;
       else throw ArgError("--backward-mode: '" + value + "' is not one of saved, recompute");
+    } else if (name == "--backward-order") {
+      if (value == "canonical") o.backward_order = BackwardOrder::canonical;
+      else if (value == "by_rank") o.backward_order = BackwardOrder::by_rank;
+      else throw ArgError("--backward-order: '" + value + "' is not one of canonical, by_rank");
     } else if (name == "--load" || name == "--save") {
       if (value.empty()) throw ArgError(name + " needs a directory");
       (name == "--load" ? o.load_dir : o.save_dir) = value;
@@ -262,6 +272,8 @@ RunOptions parse_run_args(std::span<const char* const> args) {
   if (!o.heads && o.load_dir.empty()) throw ArgError("--heads is required (or --load a directory)");
   if (seen.count("--backward-mode") && !o.backward)
     throw ArgError("--backward-mode needs --backward");
+  if (seen.count("--backward-order") && !o.backward)
+    throw ArgError("--backward-order needs --backward");
   if (o.backward && o.strategy != Strategy::uaa)
     throw ArgError(std::string("--backward needs --strategy uaa (backward() runs the uaa strategy "
                                "only; --strategy is ") + strategy_name(o.strategy) + ")");

@@ -33,6 +33,7 @@ struct RunOptions {
   bool check = false;
   bool backward = false;        // --backward: a backward() call after each forward()
   bool backward_saved = true;   // --backward-mode saved (true) | recompute (false)
+  BackwardOrder backward_order = BackwardOrder::canonical;  // --backward-order
   std::string load_dir, save_dir;
   bool json = false;
   bool help = false;

@@ -999,6 +999,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   shape.return_lse = o.backward;  // backward() recomputes the softmax from the forward's lse
   PlanOptions options;
   options.strategy = o.strategy;
+  options.backward_order = o.backward_order;
 
   progress.set("building the plan");
   const auto t_plan = Clock::now();
@@ -1268,6 +1269,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
       if (o.backward) {
         j.begin_object("backward")
             .field("mode", o.backward_saved ? "saved" : "recompute")
+            .field("order", o.backward_order == BackwardOrder::canonical ? "canonical" : "by_rank")
             .field("kernel", bkernels[0])
             .field("kernels", bkernels);
         j.begin_object("ms");

@@ -22,7 +22,9 @@
 // (plus grace_ per agreement round: a rank waiting in round i of an agreement waits for a partner
 // that is stuck in an earlier round, so the rank next to a stopped rank times out first and its
 // notice, which names the stopped rank, reaches the others before their own deadlines blame a
-// healthy neighbour). Polling: MPI_Testsome in a tight loop for the first 100 µs, then yielding
+// healthy neighbour; and, in an exchange, a stagger of min(rank, 16) x 5% of the timeout (20-250
+// ms) per rank, so that ranks waiting on the same missing peer time out in rank order and all raise
+// the first one's notice). Polling: MPI_Testsome in a tight loop for the first 100 µs, then yielding
 // the core between polls, after 20 ms sleeping 100 µs between polls. MPICH raises errors of
 // request completion on MPI_COMM_WORLD's handler, not ours (uaa/mpi.h): nothing to do about it.
 //
@@ -596,8 +598,12 @@ class MpiCommunicator final : public Communicator, public detail::ControlPlane {
       return cat("exchange (", sends.size(), " send(s), ", recvs.size(), " receive(s), largest ",
                  largest, " bytes)");
     };
-    if (!wait_requests(start, deadline_after(start, 0), what))
-      timed_out(start, what(), "this exchange");
+    // Ranks waiting on the same missing peer time out in rank order (a short stagger): the first
+    // one's failure notice reaches the others before their own deadline, so every rank raises that
+    // one error instead of each its own view of it.
+    Deadline deadline = deadline_after(start, 0);
+    if (!deadline.none) deadline.at += std::min(rank_, 16) * stagger_;
+    if (!wait_requests(start, deadline, what)) timed_out(start, what(), "this exchange");
   }
 
  private:
@@ -610,6 +616,8 @@ class MpiCommunicator final : public Communicator, public detail::ControlPlane {
           std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
       grace_ = std::chrono::duration_cast<Clock::duration>(
           std::chrono::duration<double>(std::clamp(seconds * 0.25, 0.05, 5.0)));
+      stagger_ = std::chrono::duration_cast<Clock::duration>(
+          std::chrono::duration<double>(std::clamp(seconds * 0.05, 0.02, 0.25)));
     }
   }
 
@@ -1163,7 +1171,7 @@ class MpiCommunicator final : public Communicator, public detail::ControlPlane {
   MpiOptions options_;
   int rank_ = 0, size_ = 1;
   bool has_deadline_ = true;
-  Clock::duration timeout_{}, grace_{};
+  Clock::duration timeout_{}, grace_{}, stagger_{};  // stagger_: exchange timeouts, per rank
   std::uint64_t agreements_ = 0;
   std::string poisoned_;  // why this communicator refuses further use; empty while usable
   std::vector<MPI_Request> requests_;

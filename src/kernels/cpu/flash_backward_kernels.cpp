@@ -1,7 +1,9 @@
 // The flash attention backward kernels as BackwardKernel objects, one per ISA variant of the forward
 // (baseline flags). Every variant computes in fp32 (bf16 inputs are widened when packed; dq is
-// rounded to bf16 when written), except that flash_avx512bf16 runs the two products of bf16 inputs
-// alone (S = Q·Kᵀ, dP = dO·Vᵀ) with vdpbf16ps. This unit turns BackwardProblem into the plain flash::BwdProblem the
+// rounded to bf16 when written), except flash_avx512bf16 with bf16 inputs: it runs all five
+// products with vdpbf16ps on bf16 pairs (S = Q·Kᵀ and dP = dO·Vᵀ exactly on the inputs; dV = Pᵀ·dO,
+// dK = dSᵀ·Q and dQ = dS·K with P and dS rounded to bf16, as GPU flash attention does; see
+// flash_avx512bf16.cpp). This unit turns BackwardProblem into the plain flash::BwdProblem the
 // per-ISA units take (flash_bwd_impl.h) and lays out the scratch: segment tables, the packed K/V of
 // one kv head (every key tile: Kᵀ, Vᵀ, K rows), the packed rows of one q head (Q, dO, lse, delta,
 // the dQ accumulator, one ticket per query tile), then one block per thread (P, dS, dK, dV).
@@ -56,17 +58,18 @@ Sizes sizes_for(const BackwardProblem& p, bool pairs, int threads) {
                      nq * sizeof(flash::OutSegment) + nkv * 2 * sizeof(flash::Segment));
   flash::BwdScratchLayout& L = s.layout;
   const std::size_t kt_bytes = align64(pairs ? D2 * Bc * 2 * 2 : D * Bc * 4);
+  const std::size_t fp32_rows = pairs ? 0 : align64(rows * Dp * 4);  // Q, dO fp32 (fp32 products)
   L.kt_off = 0;
   L.vt_off = kt_bytes;
   L.krow_off = L.vt_off + kt_bytes;
-  L.kv_tile_bytes = L.krow_off + align64(Bc * Dp * 4);
+  L.kv_tile_bytes = L.krow_off + align64(Bc * Dp * (pairs ? 2 : 4));
   std::size_t at = s.tables;
   L.kv_packed = at;
   at += n_kt * L.kv_tile_bytes;
   L.q_rows = at;
-  at += align64(rows * Dp * 4);
+  at += fp32_rows;
   L.do_rows = at;
-  at += align64(rows * Dp * 4);
+  at += fp32_rows;
   L.lse2 = at;
   at += align64(rows * 4);
   L.delta = at;
@@ -79,6 +82,10 @@ Sizes sizes_for(const BackwardProblem& p, bool pairs, int threads) {
   at += pairs ? align64(rows * D2 * 2 * 2) : 0;
   L.do_pairs = at;
   at += pairs ? align64(rows * D2 * 2 * 2) : 0;
+  L.q_rowpairs = at;
+  at += pairs ? align64(n_qt * Br * Dp * 2) : 0;
+  L.do_rowpairs = at;
+  at += pairs ? align64(n_qt * Br * Dp * 2) : 0;
   L.per_thread = at;
   std::size_t t = 0;
   L.p = t;
@@ -89,6 +96,12 @@ Sizes sizes_for(const BackwardProblem& p, bool pairs, int threads) {
   t += align64(Bc * Dp * 4);
   L.dv_acc = t;
   t += align64(Bc * Dp * 4);
+  L.p_rowpairs = t;
+  t += pairs ? align64(Br * Bc * 2) : 0;
+  L.ds_rowpairs = t;
+  t += pairs ? align64(Br * Bc * 2) : 0;
+  L.ds_bf16 = t;
+  t += pairs ? align64(Br * Bc * 2) : 0;
   L.thread_stride = t;
   L.total = at + static_cast<std::size_t>(threads) * t;
   return s;

@@ -3,29 +3,48 @@
 // uses: min64, last_key, find_segment, to_f32, with_rows, kBc, kBr, kLog2e; and after <sched.h>).
 //
 // FA2-style, key-outer. For each kv head, every key tile is packed once (threads split the tiles):
-// Kᵀ and Vᵀ [D][64] (streamed by S = Q·Kᵀ and dP = dO·Vᵀ) and K rows [64][Dp] (by dQ = dS·K). For
-// each q head, the step's Q and dO rows are packed [rows][Dp] fp32 with lse·log2(e) and delta per
-// row; then threads take key tiles t in increasing order. Key tile t keeps dK and dV [64][Dp] in
-// registers-and-L1 buffers of its thread, and walks the query tiles (global tiles of kQueryTile rows
-// counted from row 0) in ascending order, skipping a tile none of whose rows sees a key of t:
+// Kᵀ and Vᵀ (streamed by S = Q·Kᵀ and dP = dO·Vᵀ) and K rows (by dQ = dS·K). For each q head, the
+// step's Q and dO rows are packed with lse·log2(e) and delta per row; then threads take key tiles t
+// in increasing order. Key tile t keeps dK and dV [64][Dp] in registers-and-L1 buffers of its
+// thread, and walks the query tiles (global tiles of kQueryTile rows counted from row 0) in
+// ascending order, skipping a tile none of whose rows sees a key of t:
 //   P  = exp2(S·scale·log2 e − lse·log2 e), 0 (stored, not multiplied) where a key is not visible
 //   dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P∘(dP − delta)·scale, 0 where P is masked
 //   dK += dSᵀ·Q;  dQ[tile rows] += dS·K
+// S, P, dP and dS are fp32. The microkernel set Mk does the five products and the packing: fp32
+// (BwdMicroF32 below: Kᵀ, Vᵀ [D][64], K rows [64][Dp], Q and dO rows [rows][Dp]), or bf16 pairs
+// (BwdMicroBf16Dp in flash_avx512bf16.cpp, bf16 inputs only), which rounds P and dS to bf16 (round
+// to nearest even, once, after the fp32 dS above is formed) for dV, dK and dQ.
 // dQ is one fp32 accumulator per head shared by all threads: the contributions of a query tile are
 // added in ascending key-tile order (a ticket per query tile: the thread of key tile t waits until
 // t − 1 has added; the key tiles a query tile sees are a prefix 0..L, so tile t − 1 always adds, and
 // it never waits on a later tile, so the chain cannot deadlock when tiles are handed out in order).
 //
-// Exactness (kernel.h): every product runs in gemm_block below, where each output element is one
-// fma chain over k ascending (d for S and dP, the tile's rows for dK and dV, its keys for dQ), so:
-//   dq[i]       = chain over key positions ascending, key tile by key tile;
-//   dk/dv[j]    = carry or +0, then a chain over query rows ascending, query tile by query tile.
+// Exactness (kernel.h): each output element of a product is one fp32 accumulator that steps over
+// k ascending (d for S and dP, the tile's rows for dK and dV, its keys for dQ):
+//   - fp32 products (gemm_block below): one fma per k;
+//   - bf16 products (BwdMicroBf16Dp): one vdpbf16ps per pair of consecutive k — head dims
+//     (2e, 2e + 1) for S and dP; rows (r0 + 2f, r0 + 2f + 1) for dK and dV, r0 the first row of the
+//     query tile in the step (a global multiple of kQueryTile unless the step starts inside the
+//     tile), so a pair never straddles a query tile (kQueryTile is even); keys (t0 + 2f, t0 + 2f + 1)
+//     of key tile t for dQ. The instruction fixes a lane's arithmetic (Intel SDM: acc += x₁·y₁, then
+//     acc += x₀·y₀, the products exact, round to nearest even, denormal inputs and results flushed
+//     to zero), so a step is a function of the accumulator and the pair's two values only.
+// Hence:
+//   dq[i]       = chain over key positions ascending (by key pairs for bf16), key tile by key tile;
+//   dk/dv[j]    = carry or +0, then a chain over query rows ascending (by row pairs from the tile's
+//                 first row for bf16), query tile by query tile.
 // What a product may leave out is only exact zeros: rows of a query tile that see no key of the
-// key tile (a prefix of the tile), keys of the tile no row of the query tile sees (a suffix), keys
-// past kv_total. Adding an exact zero product to a chain that started from +0 (or from a carry that
-// is itself such a chain) never changes its bits for finite data, so the chains are those of the
-// contract; which terms are left out depends only on global row and key positions. Nothing depends
-// on segments, other heads or the thread count.
+// key tile (a prefix of the tile; for bf16 whole row pairs of that prefix: a pair holding its last
+// row and the first row that sees a key runs with P = dS = 0 for the former), keys of the tile no
+// row of the query tile sees (a suffix; for bf16 whole key pairs: an odd count ends with a pair
+// whose second key has dS = 0 in every row), keys past kv_total (packed as 0). Adding an exact zero
+// product, or a pair of them, to a chain that started from +0 (or from a carry that is itself such
+// a chain) never changes its bits for finite data (such a chain is never −0, and after a vdpbf16ps
+// step never a denormal), so the chains are those of the contract; which terms are left out, and
+// how terms pair, depends only on global row and key positions (for the rows of a step that starts
+// at a multiple of kQueryRowGranule, as plans do). Nothing depends on segments, other heads or the
+// thread count.
 //
 // Not handled (unlike the forward): non-finite inputs. A row that cannot see a key still meets it
 // in a zero product (0 · Inf = NaN) when a visible neighbour in the same tiles needs it.
@@ -40,13 +59,21 @@ struct BwdBuffers {
   float* ds;  // [kBr][kBc]: dP, then dS
   float* dk;  // [kBc][Dp]
   float* dv;  // [kBc][Dp]
+  std::uint32_t* p_rowpairs;   // [kBr/2][kBc] bf16 pairs (microkernels that take bf16 pairs only)
+  std::uint32_t* ds_rowpairs;  // [kBr/2][kBc]
+  std::uint16_t* ds_bf16;      // [kBr][kBc]
 };
 
 inline BwdBuffers bwd_thread_buffers(const BwdProblem& p, int tid) {
   const BwdScratchLayout& L = p.layout;
   char* b = p.scratch + L.per_thread + static_cast<std::size_t>(tid) * L.thread_stride;
-  return {reinterpret_cast<float*>(b + L.p), reinterpret_cast<float*>(b + L.ds),
-          reinterpret_cast<float*>(b + L.dk_acc), reinterpret_cast<float*>(b + L.dv_acc)};
+  return {reinterpret_cast<float*>(b + L.p),
+          reinterpret_cast<float*>(b + L.ds),
+          reinterpret_cast<float*>(b + L.dk_acc),
+          reinterpret_cast<float*>(b + L.dv_acc),
+          reinterpret_cast<std::uint32_t*>(b + L.p_rowpairs),
+          reinterpret_cast<std::uint32_t*>(b + L.ds_rowpairs),
+          reinterpret_cast<std::uint16_t*>(b + L.ds_bf16)};
 }
 
 // ---- the one product microkernel -------------------------------------------------------------
@@ -157,14 +184,16 @@ inline void bwd_pack_rows_typed(const BwdProblem& p, const Segment* segs, std::i
 }
 
 struct BwdHead {  // the per-head buffers shared by all threads
-  float* q;        // [rows][Dp]
-  float* dout;     // [rows][Dp]
+  float* q;        // [rows][Dp] (fp32 products only)
+  float* dout;     // [rows][Dp] (fp32 products only)
   float* lse2;     // [rows]
   float* delta;    // [rows]
   float* dq;       // [rows][Dp]
   char* tickets;   // one 64-byte line per query tile
   std::uint16_t* q_pairs;   // [rows][D2][2] bf16 (microkernels that take bf16 pairs only)
   std::uint16_t* do_pairs;  // [rows][D2][2]
+  std::uint16_t* q_rowpairs;   // per local query tile [kBr/2][Dp][2] (bf16 pairs only)
+  std::uint16_t* do_rowpairs;  // per local query tile [kBr/2][Dp][2]
 };
 
 inline BwdHead bwd_head_buffers(const BwdProblem& p) {
@@ -173,7 +202,9 @@ inline BwdHead bwd_head_buffers(const BwdProblem& p) {
           reinterpret_cast<float*>(p.scratch + L.lse2), reinterpret_cast<float*>(p.scratch + L.delta),
           reinterpret_cast<float*>(p.scratch + L.dq_acc), p.scratch + L.tickets,
           reinterpret_cast<std::uint16_t*>(p.scratch + L.q_pairs),
-          reinterpret_cast<std::uint16_t*>(p.scratch + L.do_pairs)};
+          reinterpret_cast<std::uint16_t*>(p.scratch + L.do_pairs),
+          reinterpret_cast<std::uint16_t*>(p.scratch + L.q_rowpairs),
+          reinterpret_cast<std::uint16_t*>(p.scratch + L.do_rowpairs)};
 }
 
 inline std::int64_t* bwd_ticket(const BwdHead& hb, std::int64_t u) {
@@ -194,15 +225,8 @@ inline RowRange bwd_tile_rows(const BwdProblem& p, std::int64_t u) {
 template <class Mk>
 inline void bwd_pack_query_tile(const BwdProblem& p, const BwdHead& hb, std::int64_t h, std::int64_t u) {
   const RowRange rr = bwd_tile_rows(p, u);
-  Mk::pack_rows(p, hb, h, rr.r0, rr.r1);
+  Mk::pack_rows(p, hb, h, u, rr.r0, rr.r1);
   const std::int64_t Dp = p.padded_dim;
-  if (p.bf16) {
-    bwd_pack_rows_typed<std::uint16_t>(p, p.q, h, rr.r0, rr.r1, hb.q);
-    bwd_pack_rows_typed<std::uint16_t>(p, p.dout, h, rr.r0, rr.r1, hb.dout);
-  } else {
-    bwd_pack_rows_typed<float>(p, p.q, h, rr.r0, rr.r1, hb.q);
-    bwd_pack_rows_typed<float>(p, p.dout, h, rr.r0, rr.r1, hb.dout);
-  }
   std::int64_t s = find_segment(p.q, p.q_segments, rr.r0);
   for (std::int64_t i = rr.r0; i < rr.r1; ++i) {
     while (i >= p.q[s].begin + p.q[s].tokens) ++s;
@@ -274,9 +298,16 @@ inline void bwd_spin(unsigned& n) {
   }
 }
 
-// The fp32 products S = Q·Kᵀ and dP = dO·Vᵀ over Kᵀ, Vᵀ packed fp32 [D][kBc] (the other three
-// products always run in gemm on fp32 rows). A microkernel set Mk provides pack_kv (one key tile's
-// block: Kᵀ and Vᵀ in its format, K rows fp32), pack_rows (extra per-row formats), qk and dov.
+// What bwd_key_tile hands the products of one (query tile, key tile) pair: local query tile u with
+// the step's rows [r0, r1), of which rows [a, r1) (m of them) see some key of the key tile; keys
+// [t0, t0 + kn) of the tile are seen by some row. P and dP/dS rows start at row a (tb.p, tb.ds).
+struct BwdTile {
+  std::int64_t u, r0, r1, a, m, kn;
+};
+
+// The five products in fp32: S = Q·Kᵀ and dP = dO·Vᵀ over Kᵀ, Vᵀ packed fp32 [D][kBc]; dV, dK and
+// dQ in gemm on fp32 rows. A microkernel set Mk provides pack_kv (one key tile's block: Kᵀ, Vᵀ and
+// K rows in its formats), pack_rows (the per-row formats of a query tile), qk, dov, dv, dk and dq.
 template <class V>
 struct BwdMicroF32 {
   static void pack_kv(const BwdProblem& p, std::int64_t kvh, std::int64_t t, char* blk) {
@@ -285,7 +316,17 @@ struct BwdMicroF32 {
     else
       bwd_pack_kv_typed<float>(p, kvh, t, blk);
   }
-  static void pack_rows(const BwdProblem&, const BwdHead&, std::int64_t, std::int64_t, std::int64_t) {}
+  // Q and dO rows [r0, r1) of local head h (local query tile u) as fp32 [rows][Dp].
+  static void pack_rows(const BwdProblem& p, const BwdHead& hb, std::int64_t h, std::int64_t,
+                        std::int64_t r0, std::int64_t r1) {
+    if (p.bf16) {
+      bwd_pack_rows_typed<std::uint16_t>(p, p.q, h, r0, r1, hb.q);
+      bwd_pack_rows_typed<std::uint16_t>(p, p.dout, h, r0, r1, hb.dout);
+    } else {
+      bwd_pack_rows_typed<float>(p, p.q, h, r0, r1, hb.q);
+      bwd_pack_rows_typed<float>(p, p.dout, h, r0, r1, hb.dout);
+    }
+  }
   // S[0, m)[0, kBc) = Q rows [a, a + m) · Kᵀ (d ascending).
   static void qk(const BwdProblem& p, const BwdHead& hb, std::int64_t a, std::int64_t m, const char* blk,
                  float* S) {
@@ -300,6 +341,23 @@ struct BwdMicroF32 {
     gemm<V, false>(m, kBc, p.head_dim, hb.dout + (a - p.q_first) * Dp, Dp, 1,
                    reinterpret_cast<const float*>(blk + p.layout.vt_off), kBc, dP, kBc);
   }
+  // dV[keys] += Pᵀ·dO (one fma chain per element over rows [a, r1) ascending).
+  static void dv(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const BwdTile& w) {
+    const std::int64_t Dp = p.padded_dim;
+    gemm<V, true>(w.kn, Dp, w.m, tb.p, 1, kBc, hb.dout + (w.a - p.q_first) * Dp, Dp, tb.dv, Dp);
+  }
+  // dK[keys] += dSᵀ·Q (likewise).
+  static void dk(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const BwdTile& w) {
+    const std::int64_t Dp = p.padded_dim;
+    gemm<V, true>(w.kn, Dp, w.m, tb.ds, 1, kBc, hb.q + (w.a - p.q_first) * Dp, Dp, tb.dk, Dp);
+  }
+  // dQ[rows [a, r1)] += dS·K (one fma chain per element over keys [t0, t0 + kn) ascending).
+  static void dq(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const char* blk,
+                 const BwdTile& w) {
+    const std::int64_t Dp = p.padded_dim;
+    gemm<V, true>(w.m, Dp, w.kn, tb.ds, kBc, 1, reinterpret_cast<const float*>(blk + p.layout.krow_off),
+                  Dp, hb.dq + (w.a - p.q_first) * Dp, Dp);
+  }
 };
 
 // ---- one key tile ------------------------------------------------------------------------------
@@ -312,18 +370,23 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
   const std::int64_t D = p.head_dim, Dp = p.padded_dim;
   const std::int64_t t0 = t * kBc, nk = min64(kBc, p.kv_total - t0);
   const char* blk = p.scratch + p.layout.kv_packed + static_cast<std::size_t>(t) * p.layout.kv_tile_bytes;
-  const auto* Kr = reinterpret_cast<const float*>(blk + p.layout.krow_off);
 
   // dK, dV of keys [t0, t0 + nk): carry (local head 0) or +0.
   const float* dk_carry = h == 0 ? p.dk_carry : nullptr;
   const float* dv_carry = h == 0 ? p.dv_carry : nullptr;
+  // (The branches stay outside the loops: a vectorized select becomes a masked load from the null
+  // carry, which a fault-suppression assist makes very slow.)
   for (std::int64_t c = 0; c < nk; ++c) {
     float* dk = tb.dk + c * Dp;
     float* dv = tb.dv + c * Dp;
-    for (std::int64_t d = 0; d < D; ++d) {
-      dk[d] = dk_carry ? dk_carry[(t0 + c) * D + d] : 0.0f;
-      dv[d] = dv_carry ? dv_carry[(t0 + c) * D + d] : 0.0f;
-    }
+    if (dk_carry)
+      for (std::int64_t d = 0; d < D; ++d) dk[d] = dk_carry[(t0 + c) * D + d];
+    else
+      for (std::int64_t d = 0; d < D; ++d) dk[d] = 0.0f;
+    if (dv_carry)
+      for (std::int64_t d = 0; d < D; ++d) dv[d] = dv_carry[(t0 + c) * D + d];
+    else
+      for (std::int64_t d = 0; d < D; ++d) dv[d] = 0.0f;
     for (std::int64_t d = D; d < Dp; ++d) dk[d] = dv[d] = 0.0f;
   }
 
@@ -336,8 +399,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
     while (last_key(p, a) < t0) ++a;
     const std::int64_t m = rr.r1 - a;
     const std::int64_t kn = min64(nk, last - t0 + 1);  // keys [t0, t0 + kn): seen by some row
-    const float* q = hb.q + (a - p.q_first) * Dp;
-    const float* dout = hb.dout + (a - p.q_first) * Dp;
+    const BwdTile w{u, rr.r0, rr.r1, a, m, kn};
     const float* lse2 = hb.lse2 + (a - p.q_first);
     const float* delta = hb.delta + (a - p.q_first);
 
@@ -355,7 +417,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
       }
     }
     // dV[keys] += Pᵀ·dO (chain over the tile's rows).
-    gemm<V, true>(kn, Dp, m, tb.p, 1, kBc, dout, Dp, tb.dv, Dp);
+    Mk::dv(p, hb, tb, w);
     // dP = dO·Vᵀ, then dS = P∘(dP − delta)·scale, 0 where P is masked.
     Mk::dov(p, hb, a, m, blk, tb.ds);
     {
@@ -372,7 +434,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
       }
     }
     // dK[keys] += dSᵀ·Q (chain over the tile's rows).
-    gemm<V, true>(kn, Dp, m, tb.ds, 1, kBc, q, Dp, tb.dk, Dp);
+    Mk::dk(p, hb, tb, w);
     // dQ[rows] += dS·K (chain over keys), after key tile t − 1 (ordered) or under the tile's lock.
     std::int64_t* ticket = bwd_ticket(hb, u);
     unsigned spins = 0;
@@ -381,7 +443,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
     } else {
       while (__atomic_exchange_n(ticket, 1, __ATOMIC_ACQUIRE) != 0) bwd_spin(spins);
     }
-    gemm<V, true>(m, Dp, kn, tb.ds, kBc, 1, Kr, Dp, hb.dq + (a - p.q_first) * Dp, Dp);
+    Mk::dq(p, hb, tb, blk, w);
     __atomic_store_n(ticket, p.ordered_dq ? t + 1 : 0, __ATOMIC_RELEASE);
   }
 

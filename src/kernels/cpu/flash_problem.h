@@ -26,6 +26,7 @@ struct Traits {
   static_assert(kKeyTile % 64 == 0, "score rows must be whole zmm/ymm/xmm groups");
   static_assert(kKeyTile % 2 == 0, "bf16 P·V packs key pairs");
   static_assert(kQueryTile >= 6, "microkernels block 6 rows");
+  static_assert(kQueryTile % 2 == 0, "the bf16 backward pairs rows within a query tile");
 };
 
 struct Segment {
@@ -83,20 +84,28 @@ struct StatSegment {
 // Byte offsets into the backward's scratch buffer (all 64-byte aligned). Query rows are indexed
 // from q_first (row i at i - q_first), query tiles from floor(q_first / kQueryTile).
 struct BwdScratchLayout {
-  // One kv head, every key tile t at t * kv_tile_bytes: Kᵀ [D][kKeyTile], Vᵀ [D][kKeyTile] (for
-  // S = Q·Kᵀ and dP = dO·Vᵀ) and K rows [kKeyTile][Dp] (for dQ = dS·K); zero past kv_total.
+  // One kv head, every key tile t at t * kv_tile_bytes: Kᵀ and Vᵀ (for S = Q·Kᵀ and dP = dO·Vᵀ:
+  // fp32 [D][kKeyTile], or bf16 pairs of head dims [ceil(D/2)][kKeyTile][2]) and K rows (for
+  // dQ = dS·K: fp32 [kKeyTile][Dp], or bf16 key pairs [kKeyTile/2][Dp][2]); zero past kv_total.
   std::size_t kv_packed = 0, kv_tile_bytes = 0;
   std::size_t kt_off = 0, vt_off = 0, krow_off = 0;  // within one tile's block
-  // One q head, all rows of the step: Q and dO [rows][Dp] fp32, lse·log2(e) and delta [rows], the
-  // fp32 dQ accumulator [rows][Dp], and one 64-byte ticket per query tile.
+  // One q head, all rows of the step: Q and dO [rows][Dp] fp32 (fp32 products only; else 0 bytes),
+  // lse·log2(e) and delta [rows], the fp32 dQ accumulator [rows][Dp], one 64-byte ticket per query
+  // tile.
   std::size_t q_rows = 0, do_rows = 0, lse2 = 0, delta = 0, dq_acc = 0, tickets = 0;
-  // bf16 pairs of Q and dO [rows][ceil(D/2)][2] (run_bwd_avx512bf16 with bf16 inputs only; else 0).
-  std::size_t q_pairs = 0, do_pairs = 0;
+  // run_bwd_avx512bf16 with bf16 inputs only (else 0 bytes): Q and dO as bf16 pairs of head dims
+  // [rows][ceil(D/2)][2] (for S and dP), and as bf16 pairs of rows, per local query tile u at
+  // u·kQueryTile·Dp elements, [kQueryTile/2][Dp][2] with row pair f = rows 2f, 2f + 1 counted from
+  // the tile's first row of the step (for dK = dSᵀ·Q and dV = Pᵀ·dO; rows past the step are 0).
+  std::size_t q_pairs = 0, do_pairs = 0, q_rowpairs = 0, do_rowpairs = 0;
   std::size_t per_thread = 0;     // start of thread 0's block
   std::size_t thread_stride = 0;  // bytes per thread block
-  // Per thread: P (scores, then probabilities) and dP (then dS) [kQueryTile][kKeyTile]; dK and dV
-  // accumulators of one key tile [kKeyTile][Dp].
+  // Per thread: P (scores, then probabilities) and dP (then dS) [kQueryTile][kKeyTile] fp32; dK and
+  // dV accumulators of one key tile [kKeyTile][Dp]. bf16 products only (else 0 bytes): P and dS
+  // rounded to bf16 as row pairs [kQueryTile/2][kKeyTile][2] (for dV and dK), and dS rounded to
+  // bf16 [kQueryTile][kKeyTile] (key pairs, for dQ).
   std::size_t p = 0, ds = 0, dk_acc = 0, dv_acc = 0;
+  std::size_t p_rowpairs = 0, ds_rowpairs = 0, ds_bf16 = 0;
   std::size_t total = 0;
 };
 

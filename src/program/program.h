@@ -125,10 +125,12 @@ struct Program {
 //
 //   in      dO, lse and delta rows of the rank's work (recompute mode: also the forward's q/k/v
 //           rows, into `saved` at the forward's stage_in offsets)
-//   phase1  kernels of every piece that needs no carry
+//   phase1  kernels up to the carries' meeting point: the piece that ends inside a head first,
+//           then whole heads (the head at the meeting point cut at a 48-row multiple)
 //   carry1  send the partial dK/dV sums of a head whose later rows the next rank holds (when the
 //           piece that ends early ran in phase1); receive the one this rank continues
-//   phase2  the piece that continues a head from the received partial sums
+//   phase2  the rest of the whole heads (a cut head continued in place), then the piece that
+//           continues a head from the received partial sums
 //   carry2  send a partial sum produced in phase2 (a rank whose rows lie inside one head)
 //   out     dQ rows to the token owners; each completed head's dK/dV sums, sliced by key owner
 //   reduce  on the key owner: per kv head, the sum over its q heads in ascending order -> dk/dv

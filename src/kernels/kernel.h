@@ -84,10 +84,13 @@ class AttentionKernel {
 //     by other ranks are done by the caller, see below). Keys no row of the step sees get carry or 0.
 //
 // Exactness contract (what makes backward bitwise partition-invariant):
-//   - dq[i][h] = an fma chain over key positions in ascending order; per (row, head) arithmetic
-//     depends only on that row, the global key positions and the tile sizes.
+//   - dq[i][h] = a chain over key positions in ascending order (fma steps, or on the avx512bf16
+//     variant with bf16 inputs vdpbf16ps steps over key pairs (t0 + 2f, t0 + 2f + 1) of each key
+//     tile); per (row, head) arithmetic depends only on that row, the global key positions and the
+//     tile sizes.
 //   - dk_partial[h][j] (likewise dv) = dk_carry[j] (local head 0 only, when given) or +0, followed
-//     by an fma chain over this step's rows in ascending order. Rows are taken in whole query
+//     by a chain over this step's rows in ascending order (fma steps, or vdpbf16ps steps over row
+//     pairs counted from each query tile's first row, as flash_bwd_impl.h states). Rows are taken in whole query
 //     tiles counted from global row 0 (kQueryRowGranule divides into them): a tile that sees no key
 //     of j's key tile is skipped, otherwise all its rows take part (a row that cannot see j adds
 //     an exact zero product). Hence the chain over rows [0, n) equals the chain over rows [m, n)

@@ -315,11 +315,14 @@ constexpr std::int64_t kReferenceBytes = std::int64_t{64} << 20;
 // --check of one gradient (--backward): dq, dk or dv.
 struct GradientCheck {
   bool bitwise_equal = false;       // with the single-rank forward+backward
+  // --backward-order by_rank with a head shared by two ranks: dk/dv are not the single-rank bits
+  // (documented), so bitwise_equal is reported but not required.
+  bool bitwise_expected = true;
   double max_abs_err = 0;           // vs the float64 reference backward, over the finite elements
   std::int64_t compared = 0;
   std::int64_t nonfinite = 0;       // NaN/Inf where the reference is finite
   std::string first_nonfinite;      // "token 3, head 0, dim 5: nan (reference 0.25)"
-  bool passed() const { return bitwise_equal && nonfinite == 0; }
+  bool passed() const { return (bitwise_equal || !bitwise_expected) && nonfinite == 0; }
 };
 constexpr int kGradients = 3;
 constexpr const char* kGradientNames[kGradients] = {"dq", "dk", "dv"};
@@ -478,6 +481,10 @@ class Rank0Work {
   Tasks& tasks() { return tasks_; }
 
   const CheckResult& result() const { return result_; }
+  // by_rank order with a shared head: dk and dv need not be the single-rank bits.
+  void relax_kv_gradients() {
+    result_.gradients[1].bitwise_expected = result_.gradients[2].bitwise_expected = false;
+  }
   std::uint16_t result_flags() const {
     std::uint16_t f = 0;
     if (!o_.check) return f;
@@ -486,7 +493,7 @@ class Rank0Work {
     if (result_.nonfinite_inputs) f |= kNonFiniteInput;
     if (o_.backward)
       for (const GradientCheck& g : result_.gradients) {
-        if (!g.bitwise_equal) f |= kGradientNotBitwise;
+        if (!g.bitwise_equal && g.bitwise_expected) f |= kGradientNotBitwise;
         if (g.nonfinite) f |= kNonFiniteGradient;
       }
     return f;
@@ -1226,6 +1233,11 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
     std::unique_ptr<Rank0Work> work;
     ctl.local_step("prepare the rank-0 work", [&] {
       if (me == 0) work = std::make_unique<Rank0Work>(o, s, shape, gathered, single);
+      if (me == 0 && o.backward && o.backward_order == BackwardOrder::by_rank) {
+        bool shared = false;
+        for (int r = 0; r < P; ++r) shared = shared || plan.work(r).first_row != 0 || plan.work(r).end_row != 0;
+        if (shared) work->relax_kv_gradients();
+      }
     });
     Tasks none;
     outcome = run_sliced(ctl, "--check/--save on rank 0", me == 0 ? work->tasks() : none, progress,
@@ -1285,6 +1297,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
             j.begin_object(kGradientNames[g])
                 .field("max_abs_err", c.max_abs_err)
                 .field("bitwise_equal", c.bitwise_equal)
+                .field("bitwise_expected", c.bitwise_expected)
                 .field("nonfinite_outputs", c.nonfinite)
                 .end_object();
           }
@@ -1355,7 +1368,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
                    static_cast<long long>(check.nonfinite_inputs), check.first_nonfinite_input.c_str());
     for (int g = 0; o.check && o.backward && g < kGradients; ++g) {
       const GradientCheck& c = check.gradients[g];
-      if (!c.bitwise_equal)
+      if (!c.bitwise_equal && c.bitwise_expected)
         std::fprintf(stderr, "uaa run: check failed: the %d-rank %s is NOT bitwise equal to the "
                      "single-rank run\n", P, kGradientNames[g]);
       if (c.nonfinite)

@@ -374,8 +374,8 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
   // dK, dV of keys [t0, t0 + nk): carry (local head 0) or +0.
   const float* dk_carry = h == 0 ? p.dk_carry : nullptr;
   const float* dv_carry = h == 0 ? p.dv_carry : nullptr;
-  // (The branches stay outside the loops: a vectorized select becomes a masked load from the null
-  // carry, which a fault-suppression assist makes very slow.)
+  // (The branches stay outside the loops: vectorized as a select, the loop did masked loads from
+  // the null carry, which profiled very slow: a fault-suppression assist on the unmapped page.)
   for (std::int64_t c = 0; c < nk; ++c) {
     float* dk = tb.dk + c * Dp;
     float* dv = tb.dv + c * Dp;

@@ -77,13 +77,14 @@ struct BackwardArgs {
 
 // Per-phase wall times of one backward() call in milliseconds, as seen by this rank.
 struct BackwardTimes {
-  double handshake = 0;   // the agreement and set-up
+  double handshake = 0;   // the opening agreement and set-up, and the closing checkpoint
   double prepare = 0;     // delta = rowsum(dO∘O) of the own tokens
   double exchange_in = 0; // dO (and in recompute mode q/k/v) rows to the ranks computing them
   double kernel = 0;      // the backward kernels (both phases)
   double carry = 0;       // partial dK/dV sums of shared heads passed to the next rank
   double exchange_out = 0;  // dQ rows and per-head dK/dV sums to the token owners
-  double reduce = 0;      // the canonical sum over the heads of each kv head, into dk/dv
+  double reduce = 0;      // the canonical sum over the heads of each kv head, into dk/dv (with the
+                          // pre-adding of a GQA group's heads before the output exchange)
   double total = 0;
 };
 

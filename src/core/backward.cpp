@@ -3,8 +3,9 @@
 // 1. Validate the arguments and set the call up (threads, kernels, the program, workspace memory)
 //    locally; any problem becomes this rank's vote.
 // 2. Agree: every rank raises the same error before any byte moves or any gradient is written.
-// 3. Execute: delta = rowsum(dO∘O) of the own rows; in; phase1; carry1; phase2; carry2; out;
-//    reduce (the canonical sum over the q heads of each kv head, written into dk/dv).
+// 3. Execute: delta = rowsum(dO∘O) of the own rows; in; phase1; carry1; phase2; carry2; fold; out;
+//    a checkpoint (every rank is through its exchanges); reduce (the canonical sum over the q heads
+//    of each kv head, written into dk/dv).
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -160,6 +161,22 @@ void maybe_stall() {
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
 }
 
+// The group prefixes this rank pre-adds (program.h, fold), in order.
+void run_fold(const std::vector<FoldTerm>& fold, const Bindings& b, const AttentionShape& s,
+              std::int64_t kv_total) {
+  const std::int64_t f32_row = s.head_dim * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t n = kv_total * s.head_dim;
+  for (const FoldTerm& f : fold) {
+    for (int which = 0; which < 2; ++which) {
+      auto* into = reinterpret_cast<float*>(
+          resolve(b, which == 0 ? f.dk_into : f.dv_into, 1, f32_row).base);
+      const auto* from = reinterpret_cast<const float*>(
+          resolve(b, which == 0 ? f.dk_from : f.dv_from, 1, f32_row).base);
+      for (std::int64_t e = 0; e < n; ++e) into[e] += from[e];
+    }
+  }
+}
+
 void run_steps(const std::vector<BackwardStep>& steps, const PlanData& plan, const Setup& su,
                WorkspaceBuffers& B) {
   for (const BackwardStep& c : steps) {
@@ -301,21 +318,35 @@ void backward_impl(const Plan& plan_handle, const BackwardArgs& args, Workspace&
   t0 = Clock::now();
   run_exchange_by_messages(comm, prog.carry2, b, B, tx);
   carry_ms += ms_since(t0);
+  t0 = Clock::now();
+  run_fold(prog.fold, b, s, plan.kv_start.back());
+  const double fold_ms = ms_since(t0);
   maybe_stall();
   t0 = Clock::now();
   run_exchange_by_messages(comm, prog.out, b, B, tx);
   const double out_ms = ms_since(t0);
+  // Every rank has finished its exchanges before any rank writes dk/dv: a rank whose peers gave up
+  // (a deadline, an MPI error) learns it here instead of returning normally with its messages
+  // already delivered (seen with MPICH), and dk/dv stay untouched on every rank.
+  t0 = Clock::now();
+  {
+    Vote v;
+    v.kind = VoteKind::checkpoint;
+    v.fingerprint = plan.fingerprint;
+    raise_agreed_error(cp.agree(v), {"uaa::backward", true, false});
+  }
+  const double final_agree_ms = ms_since(t0);
   t0 = Clock::now();
   run_reduce(prog.reduce, b, s);
   const double reduce_ms = ms_since(t0);
   if (times) {
-    times->handshake = agree_ms;
+    times->handshake = agree_ms + final_agree_ms;
     times->prepare = prepare_ms;
     times->exchange_in = in_ms;
     times->kernel = kernel_ms;
     times->carry = carry_ms;
     times->exchange_out = out_ms;
-    times->reduce = reduce_ms;
+    times->reduce = reduce_ms + fold_ms;
     times->total = ms_since(t_start);
   }
 }

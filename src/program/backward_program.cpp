@@ -87,6 +87,15 @@ struct BackwardGeometry {
     return h;
   }
   std::int64_t local_head(int x, std::int64_t h) const { return h - work[x].q_heads.begin; }
+  // Canonical order: a rank that completes the first q head of a GQA group adds the group's later
+  // heads it also completes into that head's sums (the chain prefix of the owner's sum, hence the
+  // same bits) and sends one block for them. True for those later heads.
+  bool folded(int x, std::int64_t h) const {
+    if (!canonical) return false;
+    const std::int64_t group = g.q_heads / g.kv_heads, first = h - h % group;
+    const HeadRange done = completed_heads(x);
+    return h != first && done.begin <= first && h < done.end;
+  }
 
   struct InAreas {
     std::int64_t dout[kMaxPieces] = {}, lse[kMaxPieces] = {}, delta[kMaxPieces] = {};
@@ -400,6 +409,7 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
       const BackwardGeometry::InAreas dst = B.in_areas(to);
       const HeadRange done = B.completed_heads(from);
       for (std::int64_t h = done.begin; h < done.end; ++h) {
+        if (B.folded(from, h)) continue;
         const std::int64_t src = B.partial_offset(from, h, G.kv_start[to]);
         b.add(n, 1, f32_row, staged(Slot::stage_out, at.partial_dk + src),
               staged(Slot::stage_in, dst.reduce_dk + B.slot_of(h, from) * n * f32_row));
@@ -428,7 +438,7 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
     for (std::int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
       if (B.first_contrib[h] < 0) continue;  // no query rows at all: the gradients are zero
       for (int y = B.first_contrib[h]; y <= B.last_contrib[h]; ++y) {
-        if (work[y].pieces == 0) continue;
+        if (work[y].pieces == 0 || B.folded(y, h)) continue;
         ReduceTerm t;
         if (y == r) {
           const std::int64_t off = B.partial_offset(r, h, G.kv_start[r]);
@@ -444,6 +454,22 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
     }
   }
   red.term_begin[g.kv_heads] = static_cast<std::uint32_t>(red.terms.size());
+
+  // fold (after phase2 and carry2, before out): the group prefixes this rank pre-adds.
+  {
+    const HeadRange done = B.completed_heads(r);
+    const std::int64_t group_size = g.q_heads / g.kv_heads;
+    for (std::int64_t h = done.begin; h < done.end; ++h) {
+      if (!B.folded(r, h)) continue;
+      const std::int64_t first = h - h % group_size;
+      FoldTerm f;
+      f.dk_into = staged(Slot::stage_out, out_mine.partial_dk + B.partial_offset(r, first, 0));
+      f.dv_into = staged(Slot::stage_out, out_mine.partial_dv + B.partial_offset(r, first, 0));
+      f.dk_from = staged(Slot::stage_out, out_mine.partial_dk + B.partial_offset(r, h, 0));
+      f.dv_from = staged(Slot::stage_out, out_mine.partial_dv + B.partial_offset(r, h, 0));
+      prog.fold.push_back(f);
+    }
+  }
 
   prog.stage_in_bytes = in_mine.total;
   prog.stage_out_bytes = out_mine.total;
@@ -483,6 +509,7 @@ std::string describe(const BackwardProgram& p) {
   exchange("carry1", p.carry1);
   steps("phase2", p.phase2);
   exchange("carry2", p.carry2);
+  if (!p.fold.empty()) s += "fold " + std::to_string(p.fold.size()) + " heads into their group's first\n";
   exchange("out", p.out);
   s += "reduce " + std::to_string(p.reduce.terms.size()) + " terms over " +
        std::to_string(p.reduce.kv_tokens) + " key tokens\n";

@@ -132,6 +132,8 @@ struct Program {
 //   phase2  the rest of the whole heads (a cut head continued in place), then the piece that
 //           continues a head from the received partial sums
 //   carry2  send a partial sum produced in phase2 (a rank whose rows lie inside one head)
+//   fold    a rank completing the first q head of a GQA group adds the group's later heads it also
+//           completes into it, in ascending order (the prefix of the owner's sum: same bits)
 //   out     dQ rows to the token owners; each completed head's dK/dV sums, sliced by key owner
 //   reduce  on the key owner: per kv head, the sum over its q heads in ascending order -> dk/dv
 struct BackwardQuerySegment {
@@ -159,9 +161,14 @@ struct ReduceStep {
   std::vector<std::uint32_t> term_begin;
   std::vector<ReduceTerm> terms;
 };
+// into += from over [kv_total][head_dim] fp32 (the partial sums of two q heads of one group).
+struct FoldTerm {
+  Place dk_into, dv_into, dk_from, dv_from;
+};
 struct BackwardProgram {
   ExchangeStep in_saved, in_recompute, carry1, carry2, out;
   std::vector<BackwardStep> phase1, phase2;
+  std::vector<FoldTerm> fold;  // in order, after carry2 and before out
   ReduceStep reduce;
   std::int64_t stage_in_bytes = 0, stage_out_bytes = 0, saved_bytes = 0;
   std::int64_t pack_bytes = 0, unpack_bytes = 0;  // the largest of its exchanges (finalize)

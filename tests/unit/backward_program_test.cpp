@@ -175,10 +175,22 @@ std::string check_geometry(const Geometry& g, bool canonical) {
     const auto& red = progs[r].reduce;
     for (std::int64_t kvh = 0; kvh < g.kv_heads; ++kvh) {
       const std::int64_t n = red.term_begin[kvh + 1] - red.term_begin[kvh];
-      std::int64_t want = 0;  // canonical: one term per q head; by_rank: one per rank holding its rows
+      // canonical: one term per q head, except that the rank completing the group's first head
+      // sends one block for every head of the group it also completes (pre-added);
+      // by_rank: one per rank holding rows of the head.
+      auto completer = [&](std::int64_t h) {  // the rank whose work holds (h, q_total - 1)
+        for (int y = 0; y < P; ++y) {
+          const auto& w = work[y];
+          const bool after_start = w.first_head < h || (w.first_head == h && w.first_row <= q_total - 1);
+          const bool before_end = h < w.end_head || (h == w.end_head && q_total - 1 < w.end_row);
+          if (w.pieces > 0 && after_start && before_end) return y;
+        }
+        return -1;
+      };
+      std::int64_t want = 0;
       for (std::int64_t h = kvh * group; h < (kvh + 1) * group && q_total > 0 && g.kv_lens[r] > 0; ++h) {
         if (canonical) {
-          ++want;
+          want += h == kvh * group || completer(h) != completer(kvh * group);
           continue;
         }
         for (const auto& w : work)

@@ -37,6 +37,19 @@ void raise_agreed_error(const Verdict& v, const VerdictChecks& c) {
                     "same kernel everywhere, or build the plan with PlanOptions::allow_mixed_kernels"));
 }
 
+void checkpoint(ControlPlane& cp, const char* operation, std::uint64_t fingerprint, int rank,
+                const std::string& failure, ErrorCode code) {
+  Vote v;
+  v.kind = VoteKind::checkpoint;
+  v.fingerprint = fingerprint;
+  if (!failure.empty()) {
+    v.failed = true;
+    v.code = code;
+    v.message = cat(operation, ": rank ", rank, ": ", failure);
+  }
+  raise_agreed_error(cp.agree(v), {operation, true, false});
+}
+
 std::uint32_t kernel_vote_id(const char* name) {
   std::uint32_t h = 2166136261u;  // FNV-1a of the name: the same on every rank for the same kernel
   for (const char* p = name; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 16777619u;

@@ -7,6 +7,7 @@
 //    a checkpoint (every rank is through its exchanges); reduce (the canonical sum over the q heads
 //    of each kv head, written into dk/dv).
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include <thread>
 
 #include "comm/control_plane.h"
+#include "common/clock.h"
 #include "common/strings.h"
 #include "core/agreement.h"
 #include "core/saved.h"
@@ -35,11 +37,6 @@ SavedData& saved_data(SavedForward& s) { return *s.data_; }
 const SavedData& saved_data(const SavedForward& s) { return *s.data_; }
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
 
 std::int64_t lse_stride(const BackwardArgs& a, const AttentionShape& s) {
   return a.lse_token_stride == 0 ? s.q_heads : a.lse_token_stride;
@@ -70,12 +67,8 @@ std::string args_problem(const PlanData& plan, const BackwardArgs& a) {
   }
   if (a.lse == nullptr && nq > 0)
     return "lse is null: backward needs the forward's lse (AttentionArgs::lse)";
-  const std::int64_t lts = lse_stride(a, s);
-  if (lts < 0) return cat("lse_token_stride ", a.lse_token_stride, " is negative");
-  if (nq > 1 && lts < s.q_heads)
-    return cat("lse_token_stride ", a.lse_token_stride, " is smaller than q_heads ", s.q_heads);
-  const Extent lse = a.lse ? extent_of(a.lse, nq, s.q_heads, 1, lts, 1, sizeof(float)) : Extent{};
-  if (!lse.valid) return cat("lse_token_stride ", lts, " reaches past the address space");
+  Extent lse;
+  if (!(p = lse_problem(a.lse, a.lse_token_stride, nq, s.q_heads, &lse)).empty()) return p;
   for (int i = 0; i < 3; ++i) {
     const Extent e = extent_of(outputs[i].t);
     for (int j = 0; j < i; ++j)
@@ -123,13 +116,13 @@ void compute_delta(const BackwardArgs& a, const AttentionShape& s, float* delta)
 void run_reduce(const ReduceStep& red, const Bindings& b, const AttentionShape& s) {
   const std::int64_t D = s.head_dim, f32_row = D * static_cast<std::int64_t>(sizeof(float));
   const bool bf = s.dtype == DType::bf16;
-  std::vector<float> acc(static_cast<std::size_t>(D));
+  std::array<float, kMaxHeadDim> acc;  // one row (no allocation per call)
   for (std::int64_t g = 0; g < s.kv_heads; ++g) {
     const std::uint32_t t0 = red.term_begin[g], t1 = red.term_begin[g + 1];
     for (int which = 0; which < 2; ++which) {
       const Tensor& dst = which == 0 ? b.dk : b.dv;
       for (std::int64_t t = 0; t < red.kv_tokens; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc.begin(), acc.begin() + D, 0.0f);
         for (std::uint32_t k = t0; k < t1; ++k) {
           const Place& p = which == 0 ? red.terms[k].dk : red.terms[k].dv;
           const auto* row = reinterpret_cast<const float*>(resolve(b, p, 1, f32_row).base + t * f32_row);
@@ -329,12 +322,7 @@ void backward_impl(const Plan& plan_handle, const BackwardArgs& args, Workspace&
   // (a deadline, an MPI error) learns it here instead of returning normally with its messages
   // already delivered (seen with MPICH), and dk/dv stay untouched on every rank.
   t0 = Clock::now();
-  {
-    Vote v;
-    v.kind = VoteKind::checkpoint;
-    v.fingerprint = plan.fingerprint;
-    raise_agreed_error(cp.agree(v), {"uaa::backward", true, false});
-  }
+  checkpoint(cp, "uaa::backward", plan.fingerprint, plan.rank);
   const double final_agree_ms = ms_since(t0);
   t0 = Clock::now();
   run_reduce(prog.reduce, b, s);
@@ -351,18 +339,6 @@ void backward_impl(const Plan& plan_handle, const BackwardArgs& args, Workspace&
   }
 }
 
-void backward_checked(const Plan& plan, const BackwardArgs& args, Workspace& ws,
-                      const SavedData* saved, BackwardTimes* times) {
-  try {
-    backward_impl(plan, args, ws, saved, times);
-  } catch (const Error& e) {
-    if (e.code() != ErrorCode::timeout && e.code() != ErrorCode::comm_failure) throw;
-    if (std::string(e.what()).find("uaa::backward (plan ") != std::string::npos) throw;
-    throw Error(e.code(), cat("uaa::backward (plan ", std::hex, plan.fingerprint(), std::dec, ": ",
-                              plan.ranks(), " ranks, ", plan.q_total(), " q / ", plan.kv_total(),
-                              " kv tokens): ", e.what()));
-  }
-}
 
 }  // namespace
 }  // namespace detail
@@ -376,11 +352,14 @@ std::uint64_t SavedForward::plan_fingerprint() const { return data_ && data_->va
 std::int64_t SavedForward::bytes() const { return data_ ? data_->buffer.size() : 0; }
 
 void backward(const Plan& plan, const BackwardArgs& args, Workspace& ws, BackwardTimes* times) {
-  detail::backward_checked(plan, args, ws, nullptr, times);
+  detail::with_plan_context("uaa::backward", plan,
+                            [&] { detail::backward_impl(plan, args, ws, nullptr, times); });
 }
 void backward(const Plan& plan, const BackwardArgs& args, Workspace& ws, const SavedForward& saved,
               BackwardTimes* times) {
-  detail::backward_checked(plan, args, ws, &detail::saved_data(saved), times);
+  detail::with_plan_context("uaa::backward", plan, [&] {
+    detail::backward_impl(plan, args, ws, &detail::saved_data(saved), times);
+  });
 }
 
 const char* backward_kernel_name() {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "comm/control_plane.h"
+#include "common/clock.h"
 #include "common/strings.h"
 #include "core/agreement.h"
 #include "core/validate.h"
@@ -35,11 +36,6 @@ namespace detail {
 WorkspaceBuffers& workspace_buffers(Workspace& ws) { return *ws.buffers_; }
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
 
 std::int64_t lse_token_stride(const AttentionArgs& a, const AttentionShape& s) {
   return a.lse_token_stride == 0 ? s.q_heads : a.lse_token_stride;
@@ -72,12 +68,8 @@ std::string args_problem(const PlanData& plan, const AttentionArgs& a) {
   if (!s.return_lse && a.lse != nullptr)
     return "lse is given but the plan was built without return_lse";
   if (a.lse) {
-    const std::int64_t lts = lse_token_stride(a, s);
-    if (lts < 0) return cat("lse_token_stride ", a.lse_token_stride, " is negative");
-    if (q_tokens > 1 && lts < s.q_heads)
-      return cat("lse_token_stride ", a.lse_token_stride, " is smaller than q_heads ", s.q_heads);
-    const Extent lse = extent_of(a.lse, q_tokens, s.q_heads, 1, lts, 1, sizeof(float));
-    if (!lse.valid) return cat("lse_token_stride ", lts, " reaches past the address space");
+    Extent lse;
+    if (!(p = lse_problem(a.lse, a.lse_token_stride, q_tokens, s.q_heads, &lse)).empty()) return p;
     if (lse.overlaps(out)) return "lse overlaps out in memory";
     for (int i = 0; i < 3; ++i) {
       const ConstTensor& t = *inputs[i];
@@ -115,19 +107,6 @@ struct Setup {
   Bindings bindings;
 };
 
-// A checkpoint: every rank waits for every other and learns whether one failed since the last one.
-void checkpoint(ControlPlane& cp, const PlanData& plan, const std::string& failure,
-                ErrorCode code = ErrorCode::comm_failure) {
-  Vote v;
-  v.kind = VoteKind::checkpoint;
-  v.fingerprint = plan.fingerprint;
-  if (!failure.empty()) {
-    v.failed = true;
-    v.code = code;
-    v.message = cat("uaa::forward: rank ", plan.rank, ": ", failure);
-  }
-  raise_agreed_error(cp.agree(v), {"uaa::forward", true, false});
-}
 
 void run_compute(const Program& prog, const PlanData& plan, const Setup& su, WorkspaceBuffers& B) {
   for (const ComputeStep& c : prog.compute) {
@@ -235,7 +214,7 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
   auto sync_point = [&] {
     if (!sync) return;
     const auto t0 = Clock::now();
-    checkpoint(cp, plan, {});
+    checkpoint(cp, "uaa::forward", plan.fingerprint, plan.rank);
     wait_ms += ms_since(t0);
   };
   ExchangeTimes tin, tout;
@@ -262,23 +241,23 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
       B.published_sequence = verdict.sequence_min;
       set_last_publication(comm.id(), verdict.sequence_min);
     } else {
-      checkpoint(cp, plan, {});
+      checkpoint(cp, "uaa::forward", plan.fingerprint, plan.rank);
     }
     agree_ms += ms_since(t0);
     sync_point();
     t0 = Clock::now();
     // Writes into the peers' stage_in; a peer runs its kernel only after every rank has written.
-    checkpoint(cp, plan, write_in_parts(comm, prog.in, su.bindings, B.peer_stage_in.data(), B));
+    checkpoint(cp, "uaa::forward", plan.fingerprint, plan.rank, write_in_parts(comm, prog.in, su.bindings, B.peer_stage_in.data(), B));
     x1_ms = ms_since(t0);
     t0 = Clock::now();
     run_compute(prog, plan, su, B);
     attn_ms = ms_since(t0);
     sync_point();
     t0 = Clock::now();
-    checkpoint(cp, plan, {});  // every stage_out is complete
+    checkpoint(cp, "uaa::forward", plan.fingerprint, plan.rank);  // every stage_out is complete
     // Reads out of the peers' stage_out; the last checkpoint keeps each rank's staging alive (the
     // rank inside the call) until every rank has read it.
-    checkpoint(cp, plan, read_out_parts(comm, prog.out, su.bindings, B.peer_stage_out.data(), B));
+    checkpoint(cp, "uaa::forward", plan.fingerprint, plan.rank, read_out_parts(comm, prog.out, su.bindings, B.peer_stage_out.data(), B));
     x2_ms = ms_since(t0);
   } else {
     sync_point();
@@ -329,29 +308,16 @@ CallReport last_call(const Workspace& ws) {
   return r;
 }
 
-namespace {
-void forward_checked(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTimes* times,
-                     detail::SavedData* saved) {
-  try {
-    detail::forward_impl(plan, args, ws, times, saved);
-  } catch (const Error& e) {
-    // Transport errors name the operation and the ranks; add which plan was running.
-    if (e.code() != ErrorCode::timeout && e.code() != ErrorCode::comm_failure) throw;
-    if (std::string(e.what()).find("uaa::forward (plan ") != std::string::npos) throw;
-    throw Error(e.code(), detail::cat("uaa::forward (plan ", std::hex, plan.fingerprint(), std::dec,
-                                      ": ", plan.ranks(), " ranks, ", plan.q_total(), " q / ",
-                                      plan.kv_total(), " kv tokens): ", e.what()));
-  }
-}
-
-}  // namespace
 
 void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, PhaseTimes* times) {
-  forward_checked(plan, args, ws, times, nullptr);
+  detail::with_plan_context("uaa::forward", plan,
+                            [&] { detail::forward_impl(plan, args, ws, times, nullptr); });
 }
 void forward(const Plan& plan, const AttentionArgs& args, Workspace& ws, SavedForward& saved,
              PhaseTimes* times) {
-  forward_checked(plan, args, ws, times, &detail::saved_data(saved));
+  detail::with_plan_context("uaa::forward", plan, [&] {
+    detail::forward_impl(plan, args, ws, times, &detail::saved_data(saved));
+  });
 }
 
 }  // namespace uaa

@@ -74,6 +74,19 @@ inline bool rows_disjoint(std::int64_t tokens, std::int64_t heads, std::int64_t 
   return true;
 }
 
+// Checks an lse array of `tokens` x `heads` floats whose token stride is `given` (0 means heads);
+// returns the problem or "" and, when fine, the array's extent in *extent.
+inline std::string lse_problem(const float* lse, std::int64_t given, std::int64_t tokens,
+                               std::int64_t heads, Extent* extent) {
+  const std::int64_t ts = given == 0 ? heads : given;
+  if (ts < 0) return cat("lse_token_stride ", given, " is negative");
+  if (tokens > 1 && ts < heads)
+    return cat("lse_token_stride ", given, " is smaller than q_heads ", heads);
+  *extent = lse ? extent_of(lse, tokens, heads, 1, ts, 1, sizeof(float)) : Extent{};
+  if (!extent->valid) return cat("lse_token_stride ", ts, " reaches past the address space");
+  return {};
+}
+
 // The extent of a tensor view (of its own shape).
 inline Extent extent_of(const ConstTensor& t) {
   return extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride, t.head_stride,

@@ -4,16 +4,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/clock.h"
 #include "common/strings.h"
 #include "uaa/error.h"
 
 namespace uaa::detail {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
 
 void copy_block(const BlockAddress& src, const BlockAddress& dst, std::int64_t tokens,
                 std::int64_t heads, std::int64_t row) {
@@ -227,6 +223,25 @@ std::string read_out_parts(Communicator& comm, const ExchangeStep& out, const Bi
   return {};
 }
 
+namespace {
+
+TokenSegment token_segment(const Bindings& b, const Place& p, std::int64_t tokens,
+                           std::int64_t dense_heads, std::int64_t row, std::int64_t es) {
+  const BlockAddress a = resolve(b, p, dense_heads, row);
+  return TokenSegment{a.base, tokens, a.token_stride / es, a.head_stride / es};
+}
+
+// The key/value segments of a step (forward and backward name them alike).
+void add_key_segments(const std::vector<KeySegment>& kv, const Bindings& b, std::int64_t row,
+                      std::int64_t es, WorkspaceBuffers& B) {
+  for (const KeySegment& k : kv) {
+    B.kseg.push_back(token_segment(b, k.k, k.tokens, k.dense_heads, row, es));
+    B.vseg.push_back(token_segment(b, k.v, k.tokens, k.dense_heads, row, es));
+  }
+}
+
+}  // namespace
+
 KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const AttentionShape& s,
                              int threads, WorkspaceBuffers& B) {
   const std::int64_t es = b.elem_bytes, D = s.head_dim, row = D * es;
@@ -235,8 +250,7 @@ KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const Atte
   B.vseg.clear();
   B.oseg.clear();
   auto segment = [&](const Place& p, std::int64_t tokens, std::int64_t dense_heads) {
-    const BlockAddress a = resolve(b, p, dense_heads, row);
-    return TokenSegment{a.base, tokens, a.token_stride / es, a.head_stride / es};
+    return token_segment(b, p, tokens, dense_heads, row, es);
   };
   for (const QuerySegment& q : c.q) {
     B.qseg.push_back(segment(q.q, q.tokens, q.dense_heads));
@@ -249,10 +263,7 @@ KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const Atte
     }
     B.oseg.push_back(os);
   }
-  for (const KeySegment& k : c.kv) {
-    B.kseg.push_back(segment(k.k, k.tokens, k.dense_heads));
-    B.vseg.push_back(segment(k.v, k.tokens, k.dense_heads));
-  }
+  add_key_segments(c.kv, b, row, es, B);
   KernelProblem kp;
   kp.dtype = s.dtype;
   kp.head_dim = D;
@@ -284,8 +295,7 @@ BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const
   B.delta_seg.clear();
   B.oseg.clear();
   auto segment = [&](const Place& p, std::int64_t tokens, std::int64_t dense_heads) {
-    const BlockAddress a = resolve(b, p, dense_heads, row);
-    return TokenSegment{a.base, tokens, a.token_stride / es, a.head_stride / es};
+    return token_segment(b, p, tokens, dense_heads, row, es);
   };
   auto stat = [&](const Place& p, std::int64_t dense_heads) {
     const BlockAddress a = resolve(b, p, dense_heads, sizeof(float));
@@ -300,10 +310,7 @@ BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const
     const BlockAddress o = resolve(b, q.dq, q.dense_heads, row);
     B.oseg.push_back(OutSegment{o.base, o.token_stride / es, o.head_stride / es, nullptr, 0});
   }
-  for (const KeySegment& k : c.kv) {
-    B.kseg.push_back(segment(k.k, k.tokens, k.dense_heads));
-    B.vseg.push_back(segment(k.v, k.tokens, k.dense_heads));
-  }
+  add_key_segments(c.kv, b, row, es, B);
   const std::int64_t f32_row = D * static_cast<std::int64_t>(sizeof(float));
   auto f32 = [&](const Place& p) -> float* {
     if (p.slot == Slot::pad) return nullptr;

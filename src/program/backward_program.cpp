@@ -237,9 +237,10 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
   // One step: query heads `heads` over rows `rows` of piece i (rows within one head when heads has
   // more than one head: then rows are the piece's). `carry`: where head 0's chain starts.
   enum class Start { zero, received, self };
+  const std::vector<KeySegment> keys = G.key_segments(r, Slot::saved);  // the same for every step
   auto make_step = [&](int i, HeadRange heads, RowRange rows, Start start) {
     const WorkPiece& piece = mine.piece[i];
-    const std::int64_t nh = heads.size(), nkv = mine.kv_heads.size();
+    const std::int64_t nh = heads.size();
     const std::int64_t pitch = piece.heads.size();  // staging rows hold the piece's heads
     const std::int64_t h_off = heads.begin - piece.heads.begin;
     BackwardStep c;
@@ -275,21 +276,7 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
       }
       c.q.push_back(q);
     }
-    for (int s = 0; s < P; ++s) {
-      if (g.kv_lens[s] == 0) continue;
-      KeySegment k;
-      k.tokens = g.kv_lens[s];
-      k.dense_heads = nkv;
-      if (s == r) {
-        k.k = tensor(Slot::k, 0, mine.kv_heads.begin);
-        k.v = tensor(Slot::v, 0, mine.kv_heads.begin);
-      } else {
-        const std::int64_t off = G.kv_before(r, s) * nkv * row;
-        k.k = staged(Slot::saved, fwd_mine.k + off);
-        k.v = staged(Slot::saved, fwd_mine.v + off);
-      }
-      c.kv.push_back(k);
-    }
+    c.kv = keys;
     const std::int64_t head0 = B.partial_offset(r, heads.begin, 0);
     c.dk_partial = staged(Slot::stage_out, out_mine.partial_dk + head0);
     c.dv_partial = staged(Slot::stage_out, out_mine.partial_dv + head0);

@@ -116,7 +116,33 @@ struct UaaGeometry {
     at += align(kv_bytes);
     a.total = w.pieces > 0 ? at : 0;
     return a;
+  }  // Rank r's key segments over every rank's keys in global order: its own from the caller's k/v,
+  // the others' from the K/V areas of its forward stage_in (held in `area`: stage_in for the
+  // forward, saved for the backward).
+  std::vector<KeySegment> key_segments(int r, Slot area) const {
+    const RankWork& w = work[r];
+    const std::int64_t nkv = w.kv_heads.size(), row_bytes = g.head_dim * g.elem_bytes;
+    const InAreas at = in_areas(r);
+    std::vector<KeySegment> kv;
+    kv.reserve(g.kv_lens.size());
+    for (int s = 0; s < static_cast<int>(g.kv_lens.size()); ++s) {
+      if (g.kv_lens[s] == 0) continue;
+      KeySegment k;
+      k.tokens = g.kv_lens[s];
+      k.dense_heads = nkv;
+      if (s == r) {
+        k.k = tensor(Slot::k, 0, w.kv_heads.begin);
+        k.v = tensor(Slot::v, 0, w.kv_heads.begin);
+      } else {
+        const std::int64_t off = kv_before(r, s) * nkv * row_bytes;
+        k.k = staged(area, at.k + off);
+        k.v = staged(area, at.v + off);
+      }
+      kv.push_back(k);
+    }
+    return kv;
   }
+
   struct OutAreas {
     std::int64_t o[kMaxPieces] = {}, lse[kMaxPieces] = {}, total = 0;
   };

@@ -109,7 +109,7 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
   // and written to the caller's tensors.
   for (int i = 0; i < mine.pieces; ++i) {
     const WorkPiece& p = mine.piece[i];
-    const std::int64_t nh = p.heads.size(), nkv = mine.kv_heads.size();
+    const std::int64_t nh = p.heads.size();
     ComputeStep c;
     c.q_head_begin = p.heads.begin;
     c.q_heads = nh;
@@ -138,21 +138,7 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
       }
       c.q.push_back(q);
     }
-    for (int s = 0; s < P; ++s) {
-      if (g.kv_lens[s] == 0) continue;
-      KeySegment k;
-      k.tokens = g.kv_lens[s];
-      k.dense_heads = nkv;
-      if (s == r) {
-        k.k = tensor(Slot::k, 0, mine.kv_heads.begin);
-        k.v = tensor(Slot::v, 0, mine.kv_heads.begin);
-      } else {
-        const std::int64_t off = G.kv_before(r, s) * nkv * row;
-        k.k = staged(Slot::stage_in, in_mine.k + off);
-        k.v = staged(Slot::stage_in, in_mine.v + off);
-      }
-      c.kv.push_back(k);
-    }
+    c.kv = G.key_segments(r, Slot::stage_in);
     prog.compute.push_back(std::move(c));
   }
 

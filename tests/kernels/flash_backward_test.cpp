@@ -50,12 +50,13 @@
 #include "common/test_data.h"
 #include "common/test_rng.h"
 #include "kernels/kernel.h"
+#include "kernels/kernel_test_util.h"
 #include "uaa/bf16.h"
 
 namespace uaa::detail {
 namespace {
 
-float round_bf16(float f) { return uaa::f32_from_bf16(uaa::bf16_from_f32(f)); }
+using namespace kernel_test;
 
 struct Shape {
   std::int64_t Sq, Skv, Hq, Hkv, D;
@@ -69,24 +70,6 @@ struct Shape {
   float scale() const { return sharpness / std::sqrt(static_cast<float>(D)); }
   std::int64_t group() const { return Hq / Hkv; }
 };
-
-struct Tensor3 {
-  std::int64_t S, H, D;
-  std::vector<float> f;          // token-major contiguous values
-  std::vector<std::uint16_t> b;  // the same values as bf16 bits (bf16 only)
-};
-
-Tensor3 make(std::uint64_t seed, int id, std::int64_t S, std::int64_t H, std::int64_t D, DType dt) {
-  Tensor3 t{S, H, D, test::make_tensor(seed, id, 0, S, H, D), {}};
-  if (dt == DType::bf16) {
-    t.b.resize(t.f.size());
-    for (std::size_t i = 0; i < t.f.size(); ++i) {
-      t.b[i] = uaa::bf16_from_f32(t.f[i]);
-      t.f[i] = uaa::f32_from_bf16(t.b[i]);
-    }
-  }
-  return t;
-}
 
 std::size_t sz(std::int64_t n) { return static_cast<std::size_t>(std::max<std::int64_t>(1, n)); }
 
@@ -133,38 +116,6 @@ struct Result {
   std::vector<float> dq;          // the same as float
   std::vector<float> dk, dv;      // [heads computed][Skv][D]
 };
-
-struct Stored {
-  std::vector<float> f;
-  std::vector<std::uint16_t> b;
-  std::int64_t ts, hs;
-  const void* base(DType dt) const { return dt == DType::bf16 ? static_cast<const void*>(b.data()) : f.data(); }
-};
-
-Stored store(const Tensor3& t, DType dt, bool head_major) {
-  Stored s;
-  const std::int64_t pad = head_major ? 3 : 0;
-  s.ts = head_major ? t.D + pad : t.H * t.D;
-  s.hs = head_major ? t.S * (t.D + pad) : t.D;
-  const std::size_t n = sz(t.S * t.H * (t.D + pad));
-  s.f.assign(n, std::nanf(""));  // padding is NaN: reading it would show
-  s.b.assign(n, 0x7fc1);
-  for (std::int64_t i = 0; i < t.S; ++i)
-    for (std::int64_t h = 0; h < t.H; ++h)
-      for (std::int64_t d = 0; d < t.D; ++d) {
-        const std::size_t src = static_cast<std::size_t>((i * t.H + h) * t.D + d);
-        const std::size_t dst = static_cast<std::size_t>(i * s.ts + h * s.hs + d);
-        if (dt == DType::bf16)
-          s.b[dst] = t.b[src];
-        else
-          s.f[dst] = t.f[src];
-      }
-  return s;
-}
-
-std::vector<std::int64_t> cuts_or_whole(const std::vector<std::int64_t>& cuts, std::int64_t total) {
-  return cuts.empty() ? std::vector<std::int64_t>{total} : cuts;
-}
 
 Result run(const BackwardKernel& kernel, const Case& c, const Options& o) {
   const Shape& s = c.s;

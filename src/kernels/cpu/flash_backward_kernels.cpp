@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/flash_glue.h"
 #include "kernels/cpu/flash_problem.h"
 #include "kernels/kernel.h"
 
@@ -17,14 +18,11 @@ namespace uaa::detail {
 namespace {
 
 using flash::Traits;
+using namespace flash_glue;
 static_assert(kQueryRowGranule % Traits::kQueryTile == 0,
               "query tiles must not straddle the row ranges a plan splits heads at");
 
-enum class Isa { portable, avx2, avx512, avx512bf16 };
-
-constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
-
-int threads_of(const BackwardProblem& p) { return p.threads < 1 ? 1 : p.threads; }
+int threads_of(const BackwardProblem& p) { return flash_glue::threads_of(p.threads); }
 
 std::int64_t q_count_of(const BackwardProblem& p) {
   std::int64_t n = 0;
@@ -38,12 +36,10 @@ struct Sizes {
 };
 
 // avx512bf16 multiplies bf16 inputs in pairs (vdpbf16ps); it runs fp32 inputs as avx512 does.
-bool uses_bf16_pairs(Isa isa, DType dtype) { return isa == Isa::avx512bf16 && dtype == DType::bf16; }
-
 Sizes sizes_for(const BackwardProblem& p, bool pairs, int threads) {
   const std::size_t Bc = Traits::kKeyTile, Br = Traits::kQueryTile;
   const std::size_t D = static_cast<std::size_t>(p.head_dim);
-  const std::size_t Dp = (D + Traits::kPad - 1) / Traits::kPad * Traits::kPad;
+  const std::size_t Dp = static_cast<std::size_t>(padded_dim(p.head_dim));
   const std::size_t D2 = (D + 1) / 2;
   const std::size_t n_kt = (static_cast<std::size_t>(p.kv_total) + Bc - 1) / Bc;
   const std::int64_t q_count = q_count_of(p);
@@ -143,18 +139,11 @@ class FlashBackwardKernel final : public BackwardKernel {
       begin += s.tokens;
     }
     const std::int64_t q_end = begin;
-    begin = 0;
-    for (std::size_t i = 0; i < nkv; ++i) {
-      const TokenSegment& s = bp.k[i];
-      const TokenSegment& t = bp.v[i];
-      k[i] = {s.data, begin, s.tokens, s.token_stride, s.head_stride};
-      v[i] = {t.data, begin, t.tokens, t.token_stride, t.head_stride};
-      begin += s.tokens;
-    }
+    key_tables(bp.k, bp.v, k, v);
     flash::BwdProblem p;
     p.bf16 = bp.dtype == DType::bf16;
     p.head_dim = bp.head_dim;
-    p.padded_dim = (bp.head_dim + Traits::kPad - 1) / Traits::kPad * Traits::kPad;
+    p.padded_dim = padded_dim(bp.head_dim);
     p.q_heads = bp.q_heads;
     p.q_head_begin = bp.q_head_begin;
     p.kv_head_begin = bp.kv_head_begin;

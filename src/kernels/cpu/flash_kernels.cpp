@@ -7,6 +7,7 @@
 // then one block per thread (Q tile, scores, bf16 P, accumulator, row max/sum/α).
 #include <algorithm>
 
+#include "kernels/cpu/flash_glue.h"
 #include "kernels/cpu/flash_problem.h"
 #include "kernels/kernel.h"
 #include "uaa/threads.h"
@@ -15,14 +16,9 @@ namespace uaa::detail {
 namespace {
 
 using flash::Traits;
+using namespace flash_glue;
 static_assert(kQueryRowGranule % Traits::kQueryTile == 0,
               "query tiles must not straddle the row ranges a plan splits heads at");
-
-enum class Isa { portable, avx2, avx512, avx512bf16 };
-
-constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
-
-bool uses_bf16_pairs(Isa isa, DType dtype) { return isa == Isa::avx512bf16 && dtype == DType::bf16; }
 
 struct Sizes {
   std::size_t tables;  // segment tables at the start of scratch
@@ -32,7 +28,7 @@ struct Sizes {
 Sizes sizes_for(const KernelProblem& p, bool pairs, int threads) {
   const std::size_t Bc = Traits::kKeyTile, Br = Traits::kQueryTile;
   const std::size_t D = static_cast<std::size_t>(p.head_dim);
-  const std::size_t Dp = (D + Traits::kPad - 1) / Traits::kPad * Traits::kPad;
+  const std::size_t Dp = static_cast<std::size_t>(padded_dim(p.head_dim));
   const std::size_t D2 = (D + 1) / 2;
   const std::size_t n_kt = (static_cast<std::size_t>(p.kv_total) + Bc - 1) / Bc;
   Sizes s;
@@ -69,7 +65,7 @@ Sizes sizes_for(const KernelProblem& p, bool pairs, int threads) {
   return s;
 }
 
-int threads_of(const KernelProblem& p) { return p.threads < 1 ? 1 : p.threads; }
+int threads_of(const KernelProblem& p) { return flash_glue::threads_of(p.threads); }
 
 class FlashKernel final : public AttentionKernel {
  public:
@@ -99,18 +95,11 @@ class FlashKernel final : public AttentionKernel {
       begin += s.tokens;
     }
     const std::int64_t begin_q_end = begin;
-    begin = 0;
-    for (std::size_t i = 0; i < kp.k.size(); ++i) {
-      const TokenSegment& s = kp.k[i];
-      const TokenSegment& t = kp.v[i];
-      k[i] = {s.data, begin, s.tokens, s.token_stride, s.head_stride};
-      v[i] = {t.data, begin, t.tokens, t.token_stride, t.head_stride};
-      begin += s.tokens;
-    }
+    key_tables(kp.k, kp.v, k, v);
     flash::Problem p;
     p.bf16 = kp.dtype == DType::bf16;
     p.head_dim = kp.head_dim;
-    p.padded_dim = (kp.head_dim + Traits::kPad - 1) / Traits::kPad * Traits::kPad;
+    p.padded_dim = padded_dim(kp.head_dim);
     p.q_heads = kp.q_heads;
     p.q_head_begin = kp.q_head_begin;
     p.kv_head_begin = kp.kv_head_begin;

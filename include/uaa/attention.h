@@ -51,6 +51,8 @@ struct AttentionArgs {
   float* lse = nullptr;   // [q_tokens][Hq] log-sum-exp (natural log) of the scaled scores;
                           // required iff the plan has return_lse, else must be null
   std::int64_t lse_token_stride = 0;  // elements between tokens in lse; 0 means Hq
+  std::int64_t lse_batch_stride = 0;  // batched plans: elements between sequences; 0 means
+                                      // q_tokens * the token stride ([B][q_tokens][Hq])
 };
 
 // Per-phase wall times of one call, in milliseconds, as seen by this rank. An exchange phase also

@@ -70,6 +70,7 @@ struct BackwardArgs {
   ConstTensor out;       // the forward's output
   const float* lse = nullptr;          // the forward's lse, [q_tokens][Hq] (required)
   std::int64_t lse_token_stride = 0;   // elements; 0 means Hq
+  std::int64_t lse_batch_stride = 0;   // batched plans, as AttentionArgs::lse_batch_stride
   ConstTensor dout;      // [q_tokens][Hq][D] gradient of the loss with respect to out
   Tensor dq;             // [q_tokens][Hq][D]
   Tensor dk, dv;         // [kv_tokens][Hkv][D]

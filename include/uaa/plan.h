@@ -24,6 +24,23 @@
 // q_total == kv_total this is the usual j <= i. Rows that may attend no key (q_total > kv_total)
 // produce zeros and a log-sum-exp of -inf.
 //
+// Documents, batches and windows. Attention never crosses documents: a plan may describe
+//   - packed documents (`Documents`, the cu_seqlens of FlashAttention's varlen API, THD in
+//     TransformerEngine): the global sequence is the documents one after another, cut over the ranks
+//     by the per-rank lengths as always, anywhere (a document may lie on one rank, span several, or
+//     be shorter than a rank's chunk; lengths 0 are allowed). Keys/values may have their own
+//     documents (cross attention): query document d attends key document d only;
+//   - a batch (AttentionShape::batch = B): B sequences, each cut over the ranks by the same per-rank
+//     lengths ([B][S_local][H][D] on every rank; tensor views give the batch stride). Documents, if
+//     any, apply to every sequence of the batch;
+//   - a sliding window (window_left, window_right) inside each document, alone or with causal.
+// The causal and window conventions apply per document (positions counted from each document's
+// start, bottom-right aligned per document). A document's output and gradients are bitwise those of
+// the same document run alone, for every partition over ranks. The work split balances the visible
+// (query, key) pairs, so a rank holding one long causal document and one holding many short ones
+// do equal work; cuts inside a head fall on document starts or on multiples of 48 rows from a
+// document's start. Documents and batches need the uaa strategy; windows work with every strategy.
+//
 // Strategies: every one produces the same output. `uaa` (the default) is the subject of this library;
 // the others exist so that users can compare, in the same API and command, with what they would run
 // instead:
@@ -53,7 +70,8 @@
 
 namespace uaa {
 
-// The attention work of one rank: global query rows [first_row, q_total) of head first_head, every
+// The attention work of one rank (heads count over the batch: head b * q_heads + h is head h of
+// sequence b): global query rows [first_row, q_total) of head first_head, every
 // row of the heads after it up to end_head, and rows [0, end_row) of head end_head. Empty when
 // (first_head, first_row) == (end_head, end_row).
 struct WorkRange {
@@ -75,6 +93,23 @@ struct AttentionShape {
   bool causal = false;        // see the causal convention above
   float scale = 0.0f;         // softmax scale; 0 means 1/sqrt(head_dim)
   bool return_lse = false;    // forward() also returns the log-sum-exp of every (token, head)
+  std::int64_t batch = 1;     // B >= 1 sequences per call, each cut by the same per-rank lengths
+  // Sliding window: query i (aligned position i' = i + kv_len - q_len within its document) sees key
+  // j iff i' - window_left <= j <= i' + window_right; -1: no bound on that side (FlashAttention's
+  // window_size convention). causal caps the right side at 0.
+  std::int64_t window_left = -1, window_right = -1;
+};
+
+// Packed documents of one sequence, in order: global lengths (cu_seqlens differences). Every rank
+// passes the same lists (they are part of the plan's fingerprint).
+struct Documents {
+  std::vector<std::int64_t> q;   // query lengths, summing to the query total
+  std::vector<std::int64_t> kv;  // key/value lengths, same count, summing to the kv total;
+                                 // empty: the same as q (self attention)
+  // From cumulative offsets [0, n0, n0 + n1, ...] (FlashAttention's cu_seqlens_q / cu_seqlens_k).
+  // Throws uaa::Error(invalid_argument) if an offset decreases or the list does not start at 0.
+  static Documents from_cu_seqlens(const std::vector<std::int64_t>& cu_q,
+                                   const std::vector<std::int64_t>& cu_kv = {});
 };
 
 // The order in which backward() sums dK/dV over the query rows of a head that two ranks share.
@@ -114,6 +149,11 @@ class Plan {
   // uaa::Error on every rank if any rank's input is invalid or the ranks disagree on the shape.
   static Plan create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
                      std::int64_t kv_tokens, const PlanOptions& options = {});
+  // The same for packed documents (see above). Ranks that pass different documents get
+  // ErrorCode::mismatch on every rank; documents that do not sum to the totals, negative lengths
+  // or unequal counts get ErrorCode::invalid_argument on every rank.
+  static Plan create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
+                     std::int64_t kv_tokens, const Documents& docs, const PlanOptions& options = {});
 
   // No communication: all ranks' lengths are given (one entry per rank, identical on every rank).
   // A value that is wrong in itself (negative length, bad shape) throws at once: every rank is given
@@ -123,6 +163,9 @@ class Plan {
   static Plan from_lengths(Communicator& comm, const AttentionShape& shape,
                            std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens,
                            const PlanOptions& options = {});
+  static Plan from_lengths(Communicator& comm, const AttentionShape& shape,
+                           std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens,
+                           const Documents& docs, const PlanOptions& options = {});
 
   int ranks() const;
   int rank() const;
@@ -133,8 +176,12 @@ class Plan {
   const std::vector<std::int64_t>& kv_lens() const;
   std::int64_t q_tokens() const;   // this rank's
   std::int64_t kv_tokens() const;  // this rank's
-  std::int64_t q_total() const;
+  std::int64_t q_total() const;   // of one sequence of the batch
   std::int64_t kv_total() const;
+  std::int64_t batch() const;     // shape().batch
+  // The documents of one sequence: as given, with kv filled in; one document of the totals when
+  // none were given.
+  const Documents& documents() const;
   WorkRange work(int rank) const;               // the uaa strategy's split (see above); rank in [0, ranks())
   std::int64_t q_head_begin(int rank) const;    // query heads of which `rank` computes some rows
   std::int64_t q_head_end(int rank) const;

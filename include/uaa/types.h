@@ -21,7 +21,9 @@ enum class DType : std::uint8_t {
 std::size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
 
-// Read-only view of a [tokens][heads][head_dim] tensor.
+// Read-only view of a [tokens][heads][head_dim] tensor. With a batched plan (AttentionShape::batch
+// B > 1) the view holds B such tensors, sequence b at data + b * batch_stride: [B][tokens][heads][D]
+// and [tokens][B][heads][D] are both expressible.
 struct ConstTensor {
   const void* data = nullptr;  // may be null only when tokens * heads == 0
   std::int64_t tokens = 0;
@@ -30,6 +32,8 @@ struct ConstTensor {
   std::int64_t token_stride = 0;  // elements between token t and t+1 (same head)
   std::int64_t head_stride = 0;   // elements between head h and h+1 (same token)
   DType dtype = DType::f32;
+  std::int64_t batch_stride = 0;  // elements between sequence b and b+1 of a batched plan;
+                                  // 0 means tokens * token_stride ([B][tokens][heads][D])
 };
 
 // Writable view of a [tokens][heads][head_dim] tensor; its rows must not overlap.
@@ -41,9 +45,10 @@ struct Tensor {
   std::int64_t token_stride = 0;
   std::int64_t head_stride = 0;
   DType dtype = DType::f32;
+  std::int64_t batch_stride = 0;  // as ConstTensor's
 
   operator ConstTensor() const {
-    return {data, tokens, heads, head_dim, token_stride, head_stride, dtype};
+    return {data, tokens, heads, head_dim, token_stride, head_stride, dtype, batch_stride};
   }
 };
 

@@ -61,21 +61,23 @@ std::string args_problem(const PlanData& plan, const BackwardArgs& a) {
     if (!(p = view_problem(v.name, v.t, v.tokens, v.heads, s)).empty()) return p;
   for (const View& v : outputs) {
     if (!(p = view_problem(v.name, v.t, v.tokens, v.heads, s)).empty()) return p;
-    if (!rows_disjoint(v.tokens, v.heads, s.head_dim, v.t.token_stride, v.t.head_stride))
-      return cat(v.name, " strides (", v.t.token_stride, ", ", v.t.head_stride,
-                 ") make its rows overlap (head_dim ", s.head_dim, ")");
+    if (!rows_disjoint(v.t, s.batch))
+      return cat(v.name, " strides ", strides_str(v.t, s.batch), " make its rows overlap (head_dim ",
+                 s.head_dim, ")");
   }
   if (a.lse == nullptr && nq > 0)
     return "lse is null: backward needs the forward's lse (AttentionArgs::lse)";
   Extent lse;
-  if (!(p = lse_problem(a.lse, a.lse_token_stride, nq, s.q_heads, &lse)).empty()) return p;
+  if (!(p = lse_problem(a.lse, a.lse_token_stride, nq, s.q_heads, &lse, s.batch,
+                        a.lse_batch_stride)).empty())
+    return p;
   for (int i = 0; i < 3; ++i) {
-    const Extent e = extent_of(outputs[i].t);
+    const Extent e = extent_of(outputs[i].t, s.batch);
     for (int j = 0; j < i; ++j)
-      if (e.overlaps(extent_of(outputs[j].t)))
+      if (e.overlaps(extent_of(outputs[j].t, s.batch)))
         return cat(outputs[i].name, " overlaps ", outputs[j].name, " in memory");
     for (const View& v : inputs)
-      if (e.overlaps(extent_of(v.t)))
+      if (e.overlaps(extent_of(v.t, s.batch)))
         return cat(outputs[i].name, " overlaps ", v.name, " in memory");
     if (e.overlaps(lse)) return cat(outputs[i].name, " overlaps lse in memory");
   }
@@ -90,15 +92,18 @@ struct Setup {
   Bindings bindings;
 };
 
-// delta[t][h] = Σ_d dO·O in fp32, d ascending (row-local: the same bits on every partition).
+// delta[t][b * Hq + h] = Σ_d dO·O in fp32, d ascending (row-local: the same bits on every
+// partition).
 void compute_delta(const BackwardArgs& a, const AttentionShape& s, float* delta) {
   const std::int64_t D = s.head_dim;
   const bool bf = s.dtype == DType::bf16;
+  const std::int64_t obs = batch_stride_of(a.out), dbs = batch_stride_of(a.dout);
+  for (std::int64_t b = 0; b < s.batch; ++b)
   for (std::int64_t t = 0; t < a.out.tokens; ++t)
     for (std::int64_t h = 0; h < s.q_heads; ++h) {
       float acc = 0.0f;
-      const std::int64_t oo = t * a.out.token_stride + h * a.out.head_stride;
-      const std::int64_t od = t * a.dout.token_stride + h * a.dout.head_stride;
+      const std::int64_t oo = b * obs + t * a.out.token_stride + h * a.out.head_stride;
+      const std::int64_t od = b * dbs + t * a.dout.token_stride + h * a.dout.head_stride;
       if (bf) {
         const auto* o = static_cast<const std::uint16_t*>(a.out.data) + oo;
         const auto* d = static_cast<const std::uint16_t*>(a.dout.data) + od;
@@ -108,19 +113,20 @@ void compute_delta(const BackwardArgs& a, const AttentionShape& s, float* delta)
         const auto* d = static_cast<const float*>(a.dout.data) + od;
         for (std::int64_t i = 0; i < D; ++i) acc += d[i] * o[i];
       }
-      delta[t * s.q_heads + h] = acc;
+      delta[(t * s.batch + b) * s.q_heads + h] = acc;
     }
 }
+
+Place build_place(Slot slot, std::int64_t token, std::int64_t head);
 
 // dk/dv of the own key tokens: per kv head, the terms in ascending q head order (zeros if none).
 void run_reduce(const ReduceStep& red, const Bindings& b, const AttentionShape& s) {
   const std::int64_t D = s.head_dim, f32_row = D * static_cast<std::int64_t>(sizeof(float));
   const bool bf = s.dtype == DType::bf16;
   std::array<float, kMaxHeadDim> acc;  // one row (no allocation per call)
-  for (std::int64_t g = 0; g < s.kv_heads; ++g) {
+  for (std::int64_t g = 0; g < s.kv_heads * s.batch; ++g) {  // heads over the batch (program.h)
     const std::uint32_t t0 = red.term_begin[g], t1 = red.term_begin[g + 1];
     for (int which = 0; which < 2; ++which) {
-      const Tensor& dst = which == 0 ? b.dk : b.dv;
       for (std::int64_t t = 0; t < red.kv_tokens; ++t) {
         std::fill(acc.begin(), acc.begin() + D, 0.0f);
         for (std::uint32_t k = t0; k < t1; ++k) {
@@ -131,12 +137,12 @@ void run_reduce(const ReduceStep& red, const Bindings& b, const AttentionShape& 
           else
             for (std::int64_t i = 0; i < D; ++i) acc[i] += row[i];
         }
-        const std::int64_t off = t * dst.token_stride + g * dst.head_stride;
+        std::byte* at = resolve(b, build_place(which == 0 ? Slot::dk : Slot::dv, t, g), 1, D * b.elem_bytes).base;
         if (bf) {
-          auto* o = static_cast<std::uint16_t*>(dst.data) + off;
+          auto* o = reinterpret_cast<std::uint16_t*>(at);
           for (std::int64_t i = 0; i < D; ++i) o[i] = bf16_from_f32(acc[i]);
         } else {
-          std::memcpy(static_cast<float*>(dst.data) + off, acc.data(), static_cast<std::size_t>(f32_row));
+          std::memcpy(at, acc.data(), static_cast<std::size_t>(f32_row));
         }
       }
     }
@@ -170,12 +176,65 @@ void run_fold(const std::vector<FoldTerm>& fold, const Bindings& b, const Attent
   }
 }
 
+Place build_place(Slot slot, std::int64_t token, std::int64_t head) {
+  Place p;
+  p.slot = slot;
+  p.token = token;
+  p.head = head;
+  return p;
+}
+
+// A step with document spans: the partial sums of keys no span covers are what a kernel writes
+// for keys no row sees: the carry (local head 0) or zero.
+void fill_uncovered_keys(const BackwardStep& c, const Bindings& b, const AttentionShape& s) {
+  const std::int64_t D = s.head_dim, f32_row = D * static_cast<std::int64_t>(sizeof(float));
+  for (int which = 0; which < 2; ++which) {
+    auto* partial = reinterpret_cast<float*>(
+        resolve(b, which == 0 ? c.dk_partial : c.dv_partial, 1, f32_row).base);
+    const Place& carry_place = which == 0 ? c.dk_carry : c.dv_carry;
+    const float* carry = carry_place.slot == Slot::pad
+                             ? nullptr
+                             : reinterpret_cast<const float*>(resolve(b, carry_place, 1, f32_row).base);
+    for (std::int64_t h = 0; h < c.q_heads; ++h) {
+      float* block = partial + h * c.kv_total * D;
+      const float* from = h == 0 ? carry : nullptr;
+      if (from == block) continue;  // continued in place: already the carry
+      auto fill = [&](std::int64_t k0, std::int64_t k1) {
+        if (k1 <= k0) return;
+        const auto n = static_cast<std::size_t>((k1 - k0) * D);
+        if (from) std::memcpy(block + k0 * D, from + k0 * D, n * sizeof(float));
+        else std::memset(block + k0 * D, 0, n * sizeof(float));
+      };
+      std::int64_t at = 0;
+      for (const DocSpan& d : c.docs) {
+        fill(at, d.kv_first);
+        at = d.kv_first + d.kv_total;
+      }
+      fill(at, c.kv_total);
+    }
+  }
+}
+
+// Calls f(step, document) for every kernel call of the steps, in order.
+template <typename F>
+void for_each_call(const std::vector<BackwardStep>& steps, F f) {
+  for (const BackwardStep& c : steps) {
+    if (c.docs.empty()) f(c, whole_step(c));
+    for (const DocSpan& d : c.docs) f(c, d);
+  }
+}
+
 void run_steps(const std::vector<BackwardStep>& steps, const PlanData& plan, const Setup& su,
                WorkspaceBuffers& B) {
   for (const BackwardStep& c : steps) {
-    BackwardProblem bp = backward_problem(c, su.bindings, plan.shape, su.threads, B);
-    bp.scratch = B.scratch.data();
-    su.bkernel->run(bp);
+    if (!c.docs.empty()) fill_uncovered_keys(c, su.bindings, plan.shape);
+    auto run = [&](const DocSpan& d) {
+      BackwardProblem bp = backward_problem(c, d, su.bindings, plan.shape, su.threads, B);
+      bp.scratch = B.scratch.data();
+      su.bkernel->run(bp);
+    };
+    if (c.docs.empty()) run(whole_step(c));
+    for (const DocSpan& d : c.docs) run(d);
   }
 }
 
@@ -241,7 +300,7 @@ void backward_impl(const Plan& plan_handle, const BackwardArgs& args, Workspace&
       B.reserve(B.pack, wanted);
       wanted = prog.unpack_bytes;
       B.reserve(B.unpack, wanted);
-      wanted = plan.q_lens[me] * s.q_heads * static_cast<std::int64_t>(sizeof(float));
+      wanted = plan.q_lens[me] * s.batch * s.q_heads * static_cast<std::int64_t>(sizeof(float));
       B.reserve(B.delta, wanted);
       Bindings& b = su.bindings;
       b.q = args.q;
@@ -254,16 +313,24 @@ void backward_impl(const Plan& plan_handle, const BackwardArgs& args, Workspace&
       b.dk = args.dk;
       b.dv = args.dv;
       b.delta = reinterpret_cast<float*>(B.delta.data());
-      b.delta_token_stride = s.q_heads;
+      b.delta_token_stride = s.batch * s.q_heads;  // [q_tokens][batch][q_heads]
+      if (s.batch > 1) {
+        b.q_heads = s.q_heads;
+        b.kv_heads = s.kv_heads;
+        b.lse_batch_stride =
+            args.lse_batch_stride != 0 ? args.lse_batch_stride : plan.q_lens[me] * b.lse_token_stride;
+        b.delta_batch_stride = s.q_heads;
+      }
       b.stage_in = B.stage_in.data();
       b.stage_out = B.stage_out.data();
       b.saved = saved ? const_cast<std::byte*>(saved->buffer.data()) : B.recompute.data();
       b.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
       std::int64_t scratch = 0;
       for (const auto* steps : {&prog.phase1, &prog.phase2})
-        for (const BackwardStep& c : *steps)
+        for_each_call(*steps, [&](const BackwardStep& c, const DocSpan& d) {
           scratch = std::max(scratch, static_cast<std::int64_t>(su.bkernel->scratch_bytes(
-                                          backward_problem(c, b, s, su.threads, B))));
+                                          backward_problem(c, d, b, s, su.threads, B))));
+        });
       wanted = scratch;
       B.reserve(B.scratch, scratch);
     } catch (const Error& e) {

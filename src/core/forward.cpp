@@ -49,34 +49,26 @@ std::string args_problem(const PlanData& plan, const AttentionArgs& a) {
   if (!(p = view_problem("k", a.k, kv_tokens, s.kv_heads, s)).empty()) return p;
   if (!(p = view_problem("v", a.v, kv_tokens, s.kv_heads, s)).empty()) return p;
   if (!(p = view_problem("out", a.out, q_tokens, s.q_heads, s)).empty()) return p;
-  if (!rows_disjoint(q_tokens, s.q_heads, s.head_dim, a.out.token_stride, a.out.head_stride))
-    return cat("out strides (", a.out.token_stride, ", ", a.out.head_stride,
-               ") make output rows overlap (head_dim ", s.head_dim, ")");
-  const std::size_t es = dtype_size(s.dtype);
-  const Extent out = extent_of(a.out.data, q_tokens, s.q_heads, s.head_dim, a.out.token_stride,
-                               a.out.head_stride, es);
+  if (!rows_disjoint(a.out, s.batch))
+    return cat("out strides ", strides_str(a.out, s.batch), " make output rows overlap (head_dim ",
+               s.head_dim, ")");
+  const Extent out = extent_of(a.out, s.batch);
   const ConstTensor* inputs[] = {&a.q, &a.k, &a.v};
   const char* names[] = {"q", "k", "v"};
-  for (int i = 0; i < 3; ++i) {
-    const ConstTensor& t = *inputs[i];
-    if (out.overlaps(extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride,
-                               t.head_stride, es)))
-      return cat("out overlaps ", names[i], " in memory");
-  }
+  for (int i = 0; i < 3; ++i)
+    if (out.overlaps(extent_of(*inputs[i], s.batch))) return cat("out overlaps ", names[i], " in memory");
   if (s.return_lse && a.lse == nullptr && q_tokens > 0)
     return "lse is null but the plan has return_lse";
   if (!s.return_lse && a.lse != nullptr)
     return "lse is given but the plan was built without return_lse";
   if (a.lse) {
     Extent lse;
-    if (!(p = lse_problem(a.lse, a.lse_token_stride, q_tokens, s.q_heads, &lse)).empty()) return p;
+    if (!(p = lse_problem(a.lse, a.lse_token_stride, q_tokens, s.q_heads, &lse, s.batch,
+                          a.lse_batch_stride)).empty())
+      return p;
     if (lse.overlaps(out)) return "lse overlaps out in memory";
-    for (int i = 0; i < 3; ++i) {
-      const ConstTensor& t = *inputs[i];
-      if (lse.overlaps(extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride,
-                                 t.head_stride, es)))
-        return cat("lse overlaps ", names[i], " in memory");
-    }
+    for (int i = 0; i < 3; ++i)
+      if (lse.overlaps(extent_of(*inputs[i], s.batch))) return cat("lse overlaps ", names[i], " in memory");
   }
   return {};
 }
@@ -108,12 +100,21 @@ struct Setup {
 };
 
 
-void run_compute(const Program& prog, const PlanData& plan, const Setup& su, WorkspaceBuffers& B) {
+// Calls f(step, document) for every kernel call of the program, in order.
+template <typename F>
+void for_each_call(const Program& prog, F f) {
   for (const ComputeStep& c : prog.compute) {
-    KernelProblem kp = kernel_problem(c, su.bindings, plan.shape, su.threads, B);
+    if (c.docs.empty()) f(c, whole_step(c));
+    for (const DocSpan& d : c.docs) f(c, d);
+  }
+}
+
+void run_compute(const Program& prog, const PlanData& plan, const Setup& su, WorkspaceBuffers& B) {
+  for_each_call(prog, [&](const ComputeStep& c, const DocSpan& d) {
+    KernelProblem kp = kernel_problem(c, d, su.bindings, plan.shape, su.threads, B);
     kp.scratch = B.scratch.data();
     su.kernel->run(kp);
-  }
+  });
 }
 
 void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace& ws,
@@ -169,10 +170,17 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
       b.stage_in = stage_in.data();
       b.stage_out = B.stage_out.data();
       b.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
+      if (s.batch > 1) {
+        b.q_heads = s.q_heads;
+        b.kv_heads = s.kv_heads;
+        b.lse_batch_stride =
+            args.lse_batch_stride != 0 ? args.lse_batch_stride : plan.q_lens[me] * b.lse_token_stride;
+      }
       std::int64_t scratch = 0;
-      for (const ComputeStep& c : prog.compute)
+      for_each_call(prog, [&](const ComputeStep& c, const DocSpan& d) {
         scratch = std::max(scratch, static_cast<std::int64_t>(su.kernel->scratch_bytes(
-                                        kernel_problem(c, b, s, su.threads, B))));
+                                        kernel_problem(c, d, b, s, su.threads, B))));
+      });
       wanted = scratch;
       B.reserve(B.scratch, scratch);
     } catch (const Error& e) {

@@ -2,7 +2,9 @@
 // overflow, its agreement with the plan, and whether its rows overlap.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <utility>
 
@@ -22,9 +24,11 @@ struct Extent {
 };
 
 inline Extent extent_of(const void* data, std::int64_t tokens, std::int64_t heads, std::int64_t dim,
-                 std::int64_t ts, std::int64_t hs, std::size_t es) {
-  if (tokens == 0 || heads == 0 || dim == 0) return {};
-  const __int128 last = (static_cast<__int128>(tokens) - 1) * ts +
+                 std::int64_t ts, std::int64_t hs, std::size_t es, std::int64_t batch = 1,
+                 std::int64_t bs = 0) {
+  if (tokens == 0 || heads == 0 || dim == 0 || batch == 0) return {};
+  const __int128 last = (static_cast<__int128>(batch) - 1) * bs +
+                        (static_cast<__int128>(tokens) - 1) * ts +
                         (static_cast<__int128>(heads) - 1) * hs + dim;
   const __int128 bytes = last * static_cast<__int128>(es);
   const auto lo = reinterpret_cast<std::uintptr_t>(data);
@@ -32,6 +36,17 @@ inline Extent extent_of(const void* data, std::int64_t tokens, std::int64_t head
       static_cast<__int128>(lo) + bytes > static_cast<__int128>(UINTPTR_MAX))
     return {lo, lo, false};
   return {lo, lo + static_cast<std::uintptr_t>(bytes), true};
+}
+
+// A view's stride between the sequences of a batch (ConstTensor::batch_stride; 0: dense).
+inline std::int64_t batch_stride_of(const ConstTensor& t) {
+  return t.batch_stride != 0 ? t.batch_stride : t.tokens * t.token_stride;
+}
+
+// "(token stride, head stride)", with ", batch <stride>" for a batched plan.
+inline std::string strides_str(const ConstTensor& t, std::int64_t batch) {
+  return batch > 1 ? cat("(", t.token_stride, ", ", t.head_stride, ", batch ", batch_stride_of(t), ")")
+                   : cat("(", t.token_stride, ", ", t.head_stride, ")");
 }
 
 // Checks one tensor argument against what the plan expects; returns the problem or "".
@@ -46,51 +61,67 @@ inline std::string view_problem(const char* name, const ConstTensor& t, std::int
     return cat(name, ".head_dim ", t.head_dim, " but the plan has ", s.head_dim);
   if (t.token_stride < 0 || t.head_stride < 0)
     return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") must be >= 0");
+  if (t.batch_stride < 0) return cat(name, ".batch_stride ", t.batch_stride, " must be >= 0");
+  if (t.batch_stride != 0 && s.batch == 1)
+    return cat(name, ".batch_stride ", t.batch_stride, " is set but the plan has no batch");
   if (t.data == nullptr && tokens * heads > 0) return cat(name, ".data is null");
   if (!extent_of(t.data, tokens, heads, s.head_dim, t.token_stride, t.head_stride,
-                 dtype_size(s.dtype)).valid)
-    return cat(name, " strides (", t.token_stride, ", ", t.head_stride, ") over ", tokens,
-               " tokens and ", heads, " heads reach past the address space");
+                 dtype_size(s.dtype), s.batch, batch_stride_of(t)).valid)
+    return cat(name, " strides ", strides_str(t, s.batch), " over ", tokens, " tokens and ", heads,
+               " heads", s.batch > 1 ? cat(" of ", s.batch, " sequences") : std::string(),
+               " reach past the address space");
   return {};
 }
 
-// True if the rows of a [tokens][heads][dim] view with these strides are pairwise disjoint.
+// True if the rows of a [batch][tokens][heads][dim] view with these strides are pairwise disjoint
+// (checked as nested axes: sorted by stride, each at least the extent of the ones inside it).
 inline bool rows_disjoint(std::int64_t tokens, std::int64_t heads, std::int64_t dim, std::int64_t ts,
-                   std::int64_t hs) {
-  if (tokens == 0 || heads == 0) return true;  // no rows, nothing to overlap
+                   std::int64_t hs, std::int64_t batch = 1, std::int64_t bs = 0) {
+  if (tokens == 0 || heads == 0 || batch == 0) return true;  // no rows, nothing to overlap
   struct Axis {
     __int128 stride, count;
   };
-  Axis a{ts, tokens}, b{hs, heads};
-  if (a.count <= 1) a.stride = 0;
-  if (b.count <= 1) b.stride = 0;
-  if (a.stride > b.stride) std::swap(a, b);
+  Axis axes[3] = {{ts, tokens}, {hs, heads}, {bs, batch}};
+  for (Axis& x : axes)
+    if (x.count <= 1) x.stride = 0;
+  std::sort(std::begin(axes), std::end(axes),
+            [](const Axis& a, const Axis& b) { return a.stride < b.stride; });
   __int128 span = dim;  // elements covered by one row
-  for (const Axis& x : {a, b}) {
+  for (const Axis& x : axes) {
     if (x.count <= 1) continue;
     if (x.stride < span) return false;
     span = (x.count - 1) * x.stride + span;
   }
   return true;
 }
+inline bool rows_disjoint(const ConstTensor& t, std::int64_t batch) {
+  return rows_disjoint(t.tokens, t.heads, t.head_dim, t.token_stride, t.head_stride, batch,
+                       batch_stride_of(t));
+}
 
 // Checks an lse array of `tokens` x `heads` floats whose token stride is `given` (0 means heads);
 // returns the problem or "" and, when fine, the array's extent in *extent.
+// Batched plans: `batch` sequences `given_bs` apart (0: tokens x the token stride).
 inline std::string lse_problem(const float* lse, std::int64_t given, std::int64_t tokens,
-                               std::int64_t heads, Extent* extent) {
+                               std::int64_t heads, Extent* extent, std::int64_t batch = 1,
+                               std::int64_t given_bs = 0) {
   const std::int64_t ts = given == 0 ? heads : given;
   if (ts < 0) return cat("lse_token_stride ", given, " is negative");
   if (tokens > 1 && ts < heads)
     return cat("lse_token_stride ", given, " is smaller than q_heads ", heads);
-  *extent = lse ? extent_of(lse, tokens, heads, 1, ts, 1, sizeof(float)) : Extent{};
+  if (given_bs < 0) return cat("lse_batch_stride ", given_bs, " is negative");
+  const std::int64_t bs = given_bs == 0 ? tokens * ts : given_bs;
+  if (!rows_disjoint(tokens, heads, 1, ts, 1, batch, bs))
+    return cat("lse strides (", ts, ", batch ", bs, ") make lse rows of different sequences overlap");
+  *extent = lse ? extent_of(lse, tokens, heads, 1, ts, 1, sizeof(float), batch, bs) : Extent{};
   if (!extent->valid) return cat("lse_token_stride ", ts, " reaches past the address space");
   return {};
 }
 
-// The extent of a tensor view (of its own shape).
-inline Extent extent_of(const ConstTensor& t) {
+// The extent of a tensor view (of its own shape) over `batch` sequences.
+inline Extent extent_of(const ConstTensor& t, std::int64_t batch = 1) {
   return extent_of(t.data, t.tokens, t.heads, t.head_dim, t.token_stride, t.head_stride,
-                   dtype_size(t.dtype));
+                   dtype_size(t.dtype), batch, batch_stride_of(t));
 }
 
 }  // namespace uaa::detail

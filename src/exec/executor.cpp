@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "common/clock.h"
 #include "common/strings.h"
@@ -63,25 +64,35 @@ bool injected(const char* point) {
 
 BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std::int64_t row_bytes) {
   const std::int64_t es = b.elem_bytes;
-  auto in_tensor = [&](const void* data, std::int64_t ts, std::int64_t hs) {
-    auto* base = static_cast<std::byte*>(const_cast<void*>(data));
-    return BlockAddress{base + (p.token * ts + p.head * hs) * es, ts * es, hs * es};
+  // Batched plans: head b * H + h of the place is head h of sequence b (a part or segment never
+  // spans sequences: split_batches).
+  auto split = [&](std::int64_t H, std::int64_t batch_stride) {
+    return H > 0 ? std::pair{p.head % H, (p.head / H) * batch_stride} : std::pair{p.head, std::int64_t{0}};
+  };
+  auto in_tensor = [&](const ConstTensor& t, std::int64_t H) {
+    auto* base = static_cast<std::byte*>(const_cast<void*>(t.data));
+    const std::int64_t bs = t.batch_stride != 0 ? t.batch_stride : t.tokens * t.token_stride;
+    const auto [h, at] = split(H, bs);
+    return BlockAddress{base + (at + p.token * t.token_stride + h * t.head_stride) * es,
+                        t.token_stride * es, t.head_stride * es};
   };
   switch (p.slot) {
-    case Slot::q: return in_tensor(b.q.data, b.q.token_stride, b.q.head_stride);
-    case Slot::k: return in_tensor(b.k.data, b.k.token_stride, b.k.head_stride);
-    case Slot::v: return in_tensor(b.v.data, b.v.token_stride, b.v.head_stride);
-    case Slot::out: return in_tensor(b.out.data, b.out.token_stride, b.out.head_stride);
-    case Slot::dout: return in_tensor(b.dout.data, b.dout.token_stride, b.dout.head_stride);
-    case Slot::dq: return in_tensor(b.dq.data, b.dq.token_stride, b.dq.head_stride);
-    case Slot::dk: return in_tensor(b.dk.data, b.dk.token_stride, b.dk.head_stride);
-    case Slot::dv: return in_tensor(b.dv.data, b.dv.token_stride, b.dv.head_stride);
+    case Slot::q: return in_tensor(b.q, b.q_heads);
+    case Slot::k: return in_tensor(b.k, b.kv_heads);
+    case Slot::v: return in_tensor(b.v, b.kv_heads);
+    case Slot::out: return in_tensor(b.out, b.q_heads);
+    case Slot::dout: return in_tensor(b.dout, b.q_heads);
+    case Slot::dq: return in_tensor(b.dq, b.q_heads);
+    case Slot::dk: return in_tensor(b.dk, b.kv_heads);
+    case Slot::dv: return in_tensor(b.dv, b.kv_heads);
     case Slot::lse:
     case Slot::delta: {
       constexpr std::int64_t f = sizeof(float);
-      float* data = p.slot == Slot::lse ? b.lse : b.delta;
-      const std::int64_t ts = p.slot == Slot::lse ? b.lse_token_stride : b.delta_token_stride;
-      auto* base = reinterpret_cast<std::byte*>(data + p.token * ts + p.head);
+      const bool lse = p.slot == Slot::lse;
+      float* data = lse ? b.lse : b.delta;
+      const std::int64_t ts = lse ? b.lse_token_stride : b.delta_token_stride;
+      const auto [h, at] = split(b.q_heads, lse ? b.lse_batch_stride : b.delta_batch_stride);
+      auto* base = reinterpret_cast<std::byte*>(data + at + p.token * ts + h);
       return {base, ts * f, f};
     }
     case Slot::stage_in:
@@ -232,9 +243,10 @@ TokenSegment token_segment(const Bindings& b, const Place& p, std::int64_t token
 }
 
 // The key/value segments of a step (forward and backward name them alike).
-void add_key_segments(const std::vector<KeySegment>& kv, const Bindings& b, std::int64_t row,
-                      std::int64_t es, WorkspaceBuffers& B) {
-  for (const KeySegment& k : kv) {
+void add_key_segments(const std::vector<KeySegment>& kv, const DocSpan& doc, const Bindings& b,
+                      std::int64_t row, std::int64_t es, WorkspaceBuffers& B) {
+  for (std::uint32_t i = doc.kv_begin; i < doc.kv_end; ++i) {
+    const KeySegment& k = kv[i];
     B.kseg.push_back(token_segment(b, k.k, k.tokens, k.dense_heads, row, es));
     B.vseg.push_back(token_segment(b, k.v, k.tokens, k.dense_heads, row, es));
   }
@@ -242,8 +254,8 @@ void add_key_segments(const std::vector<KeySegment>& kv, const Bindings& b, std:
 
 }  // namespace
 
-KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const AttentionShape& s,
-                             int threads, WorkspaceBuffers& B) {
+KernelProblem kernel_problem(const ComputeStep& c, const DocSpan& doc, const Bindings& b,
+                             const AttentionShape& s, int threads, WorkspaceBuffers& B) {
   const std::int64_t es = b.elem_bytes, D = s.head_dim, row = D * es;
   B.qseg.clear();
   B.kseg.clear();
@@ -252,7 +264,8 @@ KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const Atte
   auto segment = [&](const Place& p, std::int64_t tokens, std::int64_t dense_heads) {
     return token_segment(b, p, tokens, dense_heads, row, es);
   };
-  for (const QuerySegment& q : c.q) {
+  for (std::uint32_t i = doc.q_begin; i < doc.q_end; ++i) {
+    const QuerySegment& q = c.q[i];
     B.qseg.push_back(segment(q.q, q.tokens, q.dense_heads));
     const BlockAddress o = resolve(b, q.out, q.dense_heads, row);
     OutSegment os{o.base, o.token_stride / es, o.head_stride / es, nullptr, 0};
@@ -263,7 +276,7 @@ KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const Atte
     }
     B.oseg.push_back(os);
   }
-  add_key_segments(c.kv, b, row, es, B);
+  add_key_segments(c.kv, doc, b, row, es, B);
   KernelProblem kp;
   kp.dtype = s.dtype;
   kp.head_dim = D;
@@ -275,17 +288,19 @@ KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const Atte
   kp.k = B.kseg;
   kp.v = B.vseg;
   kp.out = B.oseg;
-  kp.q_first = c.q_first;
-  kp.q_total = c.q_total;
-  kp.kv_total = c.kv_total;
+  kp.q_first = doc.q_first;
+  kp.q_total = doc.q_total;
+  kp.kv_total = doc.kv_total;
   kp.scale = s.scale;
   kp.causal = c.causal;
+  kp.window_left = c.window_left;
+  kp.window_right = c.window_right;
   kp.threads = threads;
   return kp;
 }
 
-BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const AttentionShape& s,
-                                 int threads, WorkspaceBuffers& B) {
+BackwardProblem backward_problem(const BackwardStep& c, const DocSpan& doc, const Bindings& b,
+                                 const AttentionShape& s, int threads, WorkspaceBuffers& B) {
   const std::int64_t es = b.elem_bytes, D = s.head_dim, row = D * es;
   B.qseg.clear();
   B.dout_seg.clear();
@@ -302,7 +317,8 @@ BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const
     return StatSegment{reinterpret_cast<const float*>(a.base),
                        a.token_stride / static_cast<std::int64_t>(sizeof(float))};
   };
-  for (const BackwardQuerySegment& q : c.q) {
+  for (std::uint32_t i = doc.q_begin; i < doc.q_end; ++i) {
+    const BackwardQuerySegment& q = c.q[i];
     B.qseg.push_back(segment(q.q, q.tokens, q.dense_heads));
     B.dout_seg.push_back(segment(q.dout, q.tokens, q.dense_heads));
     B.lse_seg.push_back(stat(q.lse, q.dense_heads));
@@ -310,11 +326,11 @@ BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const
     const BlockAddress o = resolve(b, q.dq, q.dense_heads, row);
     B.oseg.push_back(OutSegment{o.base, o.token_stride / es, o.head_stride / es, nullptr, 0});
   }
-  add_key_segments(c.kv, b, row, es, B);
+  add_key_segments(c.kv, doc, b, row, es, B);
   const std::int64_t f32_row = D * static_cast<std::int64_t>(sizeof(float));
-  auto f32 = [&](const Place& p) -> float* {
+  auto f32 = [&](const Place& p) -> float* {  // the document's first key of a partial block
     if (p.slot == Slot::pad) return nullptr;
-    return reinterpret_cast<float*>(resolve(b, p, 1, f32_row).base);
+    return reinterpret_cast<float*>(resolve(b, p, 1, f32_row).base) + doc.kv_first * D;
   };
   BackwardProblem bp;
   bp.dtype = s.dtype;
@@ -330,11 +346,14 @@ BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const
   bp.dq = B.oseg;
   bp.k = B.kseg;
   bp.v = B.vseg;
-  bp.q_first = c.q_first;
-  bp.q_total = c.q_total;
-  bp.kv_total = c.kv_total;
+  bp.q_first = doc.q_first;
+  bp.q_total = doc.q_total;
+  bp.kv_total = doc.kv_total;
   bp.scale = s.scale;
   bp.causal = c.causal;
+  bp.window_left = c.window_left;
+  bp.window_right = c.window_right;
+  bp.partial_head_stride = c.kv_total * D;  // the step's blocks hold every key of the sequence
   bp.threads = threads;
   bp.dk_partial = f32(c.dk_partial);
   bp.dv_partial = f32(c.dv_partial);

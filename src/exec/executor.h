@@ -40,6 +40,11 @@ struct Bindings {
   float* delta = nullptr;  // [q_tokens][q_heads], token stride delta_token_stride
   std::int64_t delta_token_stride = 0;
   std::byte* saved = nullptr;
+  // Batched plans: heads per sequence of the q-like (q, out, lse, dout, dq, delta) and kv-like
+  // tensors; a tensor place's head b * heads + h is head h of sequence b, at the view's
+  // batch_stride (0: not batched). Row statistics have their own batch strides.
+  std::int64_t q_heads = 0, kv_heads = 0;
+  std::int64_t lse_batch_stride = 0, delta_batch_stride = 0;
 };
 
 // A [tokens][heads][row] block's address and strides in bytes.
@@ -67,13 +72,20 @@ std::string write_in_parts(Communicator& comm, const ExchangeStep& in, const Bin
 std::string read_out_parts(Communicator& comm, const ExchangeStep& out, const Bindings& b,
                            const std::uint64_t* peer_stage_out, WorkspaceBuffers& B);
 
-// The backward kernel problem of one step (segments in B's lists; scratch not set).
-BackwardProblem backward_problem(const BackwardStep& c, const Bindings& b, const AttentionShape& s,
-                                 int threads, WorkspaceBuffers& B);
+// The one document of a step without document spans.
+template <typename Step>
+DocSpan whole_step(const Step& c) {
+  return DocSpan{0, static_cast<std::uint32_t>(c.q.size()), 0, static_cast<std::uint32_t>(c.kv.size()),
+                 c.q_first, c.q_total, 0, c.kv_total};
+}
 
-// The kernel problem of one compute step, with segments in B's lists (pointers valid until the next
-// call that uses B's lists). scratch is not set.
-KernelProblem kernel_problem(const ComputeStep& c, const Bindings& b, const AttentionShape& s,
-                             int threads, WorkspaceBuffers& B);
+// The backward kernel problem of one document of a step (segments in B's lists; scratch not set).
+BackwardProblem backward_problem(const BackwardStep& c, const DocSpan& doc, const Bindings& b,
+                                 const AttentionShape& s, int threads, WorkspaceBuffers& B);
+
+// The kernel problem of one document of a compute step, with segments in B's lists (pointers valid
+// until the next call that uses B's lists). scratch is not set.
+KernelProblem kernel_problem(const ComputeStep& c, const DocSpan& doc, const Bindings& b,
+                             const AttentionShape& s, int threads, WorkspaceBuffers& B);
 
 }  // namespace uaa::detail

@@ -13,6 +13,13 @@
 // segment boundaries, head split, which other rows are computed, or thread count. Kernels tile query
 // rows from q_first; plans start row ranges only at multiples of kQueryRowGranule, so a kernel whose
 // query tile divides the granule sees exactly the tiles of the 1-rank run.
+//
+// Masks (causal, sliding window): a row sees the keys [first_visible_key, last_visible_key] (below),
+// an interval that is a function of the row. The kernels walk, for each row, exactly the key tiles
+// that interval meets (global tiles, ascending), so a tile the row sees nothing of is never part of
+// its online softmax (no −inf − −inf, and the same bits as if the tile did not exist for that row),
+// whichever other rows of its query tile see that tile. Keys outside the interval inside a visited
+// tile are masked per element, and a non-finite K or V value there never reaches the row.
 #pragma once
 
 #include <cstddef>
@@ -55,6 +62,10 @@ struct KernelProblem {
   std::int64_t q_total = 0, kv_total = 0;  // global counts (causal alignment, key tiles)
   float scale = 1.0f;
   bool causal = false;  // key j visible to query i iff j <= i + kv_total - q_total
+  // Sliding window (local attention) in key positions relative to the query's aligned position
+  // i' = i + kv_total - q_total: key j is visible to query i iff i' - window_left <= j <= i' + window_right;
+  // -1: no bound on that side. causal additionally caps the right side at 0 (j <= i').
+  std::int64_t window_left = -1, window_right = -1;
   int threads = 1;      // threads the kernel may use; scratch_bytes and run read this one value
                         // (never uaa::num_threads(), which another thread may change between them)
   void* scratch = nullptr;  // scratch_bytes(problem) bytes, 64-byte aligned
@@ -79,9 +90,10 @@ class AttentionKernel {
 //
 // Outputs:
 //   dq: every row of the step, in the dtype (complete: dQ needs only this row and all keys);
-//   dk_partial / dv_partial: fp32 [q_heads][kv_total][head_dim], dense: for each local q head its
-//     contribution over this step's rows only (the GQA sum over q heads and the sum over rows held
-//     by other ranks are done by the caller, see below). Keys no row of the step sees get carry or 0.
+//   dk_partial / dv_partial: fp32 [q_heads][kv_total][head_dim] (heads partial_head_stride floats
+//     apart, dense by default): for each local q head its contribution over this step's rows only
+//     (the GQA sum over q heads and the sum over rows held by other ranks are done by the caller,
+//     see below). Keys no row of the step sees get carry or 0. Floats between heads are untouched.
 //
 // Exactness contract (what makes backward bitwise partition-invariant):
 //   - dq[i][h] = a chain over key positions in ascending order (fma steps, or on the avx512bf16
@@ -90,10 +102,12 @@ class AttentionKernel {
 //     tile sizes.
 //   - dk_partial[h][j] (likewise dv) = dk_carry[j] (local head 0 only, when given) or +0, followed
 //     by a chain over this step's rows in ascending order (fma steps, or vdpbf16ps steps over row
-//     pairs counted from each query tile's first row, as flash_bwd_impl.h states). Rows are taken in whole query
-//     tiles counted from global row 0 (kQueryRowGranule divides into them): a tile that sees no key
-//     of j's key tile is skipped, otherwise all its rows take part (a row that cannot see j adds
-//     an exact zero product). Hence the chain over rows [0, n) equals the chain over rows [m, n)
+//     pairs counted from each query tile's first row, as flash_bwd_impl.h states). Rows are taken
+//     in whole query tiles counted from global row 0 (kQueryRowGranule divides into them): a tile
+//     that sees no key of j's key tile is skipped, otherwise its rows take part, where a row that
+//     cannot see j (causal or window mask) adds an exact zero product, or is left out when it sees
+//     no key of j's key tile at all (the same chain; which rows are left out depends only on
+//     global row and key positions). Hence the chain over rows [0, n) equals the chain over rows [m, n)
 //     started from carry = the chain over rows [0, m), for m a multiple of kQueryRowGranule: a head
 //     split between ranks gives the single-rank bits when the later rank starts from the earlier
 //     rank's partial (plan/backward program).
@@ -114,12 +128,20 @@ struct BackwardProblem {
   std::int64_t q_first = 0, q_total = 0, kv_total = 0;
   float scale = 1.0f;
   bool causal = false;
+  // Sliding window (local attention) in key positions relative to the query's aligned position
+  // i' = i + kv_total - q_total: key j is visible to query i iff i' - window_left <= j <= i' + window_right;
+  // -1: no bound on that side. causal additionally caps the right side at 0 (j <= i').
+  std::int64_t window_left = -1, window_right = -1;
   int threads = 1;
   void* scratch = nullptr;  // backward_scratch_bytes(problem) bytes, 64-byte aligned
   float* dk_partial = nullptr;  // [q_heads][kv_total][head_dim] fp32 (may be null when kv_total == 0)
   float* dv_partial = nullptr;
-  // [kv_total][head_dim]: start of local head 0's chain, or null. May be dk_partial itself (a rank
-  // continuing its own head in a later step): read before written, per key.
+  // Floats between consecutive local q heads in dk_partial / dv_partial; 0 means kv_total * head_dim
+  // (dense). Lets a caller write one document's keys into a larger per-head block.
+  std::int64_t partial_head_stride = 0;
+  // [kv_total][head_dim] (dense, whatever partial_head_stride): start of local head 0's chain, or
+  // null. May be dk_partial itself (a rank continuing its own head in a later step): read before
+  // written, per key.
   const float* dk_carry = nullptr;
   const float* dv_carry = nullptr;
   // Benchmarks only: false lets threads add their dQ contributions in any order (the fastest
@@ -145,11 +167,13 @@ std::span<const BackwardKernel* const> flash_backward_kernels_supported();
 
 // Whole-sequence float64 reference backward on contiguous fp32 tensors, for tests and --check:
 // q, dout [Sq][Hq][D]; k, v [Skv][Hkv][D] -> dq [Sq][Hq][D], dk, dv [Skv][Hkv][D] (float64).
-// Recomputes the forward in float64; rows that see no key give zero gradients.
+// Recomputes the forward in float64; rows that see no key give zero gradients. Window as in
+// KernelProblem.
 void reference_attention_backward(const float* q, const float* k, const float* v,
                                   const float* dout, std::int64_t Sq, std::int64_t Skv,
                                   std::int64_t Hq, std::int64_t Hkv, std::int64_t D, float scale,
-                                  bool causal, double* dq, double* dk, double* dv);
+                                  bool causal, double* dq, double* dk, double* dv,
+                                  std::int64_t window_left = -1, std::int64_t window_right = -1);
 
 // The kernel this process uses: chosen once, best first (dispatch.cpp). Environment:
 //   UAA_KERNEL=reference|tiled|flash|<a flash variant name>   overrides the choice;
@@ -171,17 +195,27 @@ const AttentionKernel& flash_portable_kernel();    // any CPU (vector extensions
 std::span<const AttentionKernel* const> flash_kernels_supported();
 
 // Whole-sequence float64 reference on contiguous fp32 tensors, for tests and --check:
-// q [Sq][Hq][D], k, v [Skv][Hkv][D] -> out [Sq][Hq][D], lse [Sq][Hq] (lse may be null).
+// q [Sq][Hq][D], k, v [Skv][Hkv][D] -> out [Sq][Hq][D], lse [Sq][Hq] (lse may be null). Rows that
+// see no key give out 0, lse -inf. Window as in KernelProblem.
 void reference_attention(const float* q, const float* k, const float* v, std::int64_t Sq,
                          std::int64_t Skv, std::int64_t Hq, std::int64_t Hkv, std::int64_t D,
-                         float scale, bool causal, double* out, double* lse);
+                         float scale, bool causal, double* out, double* lse,
+                         std::int64_t window_left = -1, std::int64_t window_right = -1);
 
-// Last key a query may see (global positions); -1 when none.
+// First and last key a query may see (global positions); first > last when none. A negative window
+// side is unbounded; written so that huge windows cannot overflow.
+inline std::int64_t first_visible_key(std::int64_t query, std::int64_t q_total,
+                                      std::int64_t kv_total, std::int64_t window_left) {
+  const std::int64_t aligned = query + kv_total - q_total;
+  if (window_left < 0 || aligned <= window_left) return 0;
+  return aligned - window_left;
+}
 inline std::int64_t last_visible_key(std::int64_t query, std::int64_t q_total,
-                                     std::int64_t kv_total, bool causal) {
-  if (!causal) return kv_total - 1;
-  const std::int64_t last = query + kv_total - q_total;
-  return last < kv_total - 1 ? last : kv_total - 1;
+                                     std::int64_t kv_total, bool causal,
+                                     std::int64_t window_right = -1) {
+  const std::int64_t right = causal ? 0 : window_right;
+  if (right < 0 || right >= q_total - query) return kv_total - 1;  // i' + right >= kv_total
+  return query + kv_total - q_total + right;
 }
 
 }  // namespace uaa::detail

@@ -23,13 +23,13 @@ std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& lens) {
 void uaa_costs(const Geometry& g, const std::vector<RankWork>& work, CostEstimate& c) {
   const int P = static_cast<int>(g.q_lens.size());
   const std::vector<std::int64_t> q_start = prefix(g.q_lens);
-  const std::int64_t q_total = q_start.back();
   std::int64_t kv_total = 0, kv_heads_sum = 0;
   for (std::int64_t x : g.kv_lens) kv_total += x;
   for (const RankWork& w : work) kv_heads_sum += w.kv_heads.size();
   const std::int64_t row = g.head_dim * g.elem_bytes;
   const std::int64_t out_row = row + (g.with_lse ? static_cast<std::int64_t>(sizeof(float)) : 0);
   const double per_pair = 4.0 * static_cast<double>(g.head_dim);
+  const RowWork row_work(work_input(g));  // visible pairs inside documents and windows
   for (int r = 0; r < P; ++r) {
     const RankWork& w = work[r];
     const RowRange tokens{q_start[r], q_start[r + 1]};
@@ -40,7 +40,7 @@ void uaa_costs(const Geometry& g, const std::vector<RankWork>& work, CostEstimat
       own += rows_held(p, tokens).size() * p.heads.size();
       mine += p.rows.size() * p.heads.size();
       rc.flops += per_pair * static_cast<double>(p.heads.size()) *
-                  visible_pairs(p.rows.begin, p.rows.size(), q_total, kv_total, g.causal);
+                  static_cast<double>(row_work.pairs(p.rows.begin, p.rows.size()));
     }
     const std::int64_t held = g.q_heads * tokens.size();  // (head, row) pairs of r's tokens
     const std::int64_t nkv = w.kv_heads.size();
@@ -118,8 +118,7 @@ double visible_pairs(std::int64_t first, std::int64_t n, std::int64_t q_total,
 
 CostEstimate estimate_cost(const Geometry& g, Strategy strategy) {
   if (strategy != Strategy::uaa) return estimate_cost(g, strategy, {});
-  return estimate_cost(g, strategy,
-                       split_work(work_input(g.q_lens, g.kv_lens, g.q_heads, g.kv_heads, g.causal)));
+  return estimate_cost(g, strategy, split_work(work_input(g)));
 }
 
 CostEstimate estimate_cost(const Geometry& g, Strategy strategy, const std::vector<RankWork>& work) {

@@ -9,13 +9,6 @@ namespace {
 
 using Wide = __int128;  // work sums: heads x rows x keys can pass 2^63 before the division by P
 
-// Work of global query rows [0, n): the sum over rows of (keys the row sees + 1). The +1 keeps
-// rows that see no key from being free (they still write a row) and every weight positive.
-Wide row_work_prefix(std::int64_t n, const WorkInput& in) {
-  if (n <= 0) return 0;
-  return n + visible_key_pairs(0, n, in.q_total, in.kv_total, in.causal);
-}
-
 struct Cut {
   std::int64_t head = 0, row = 0;
 };
@@ -37,6 +30,77 @@ Wide visible_key_pairs(std::int64_t first, std::int64_t n, std::int64_t q_total,
   return pairs;
 }
 
+Wide visible_key_pairs(std::int64_t first, std::int64_t n, std::int64_t q_total,
+                       std::int64_t kv_total, bool causal, std::int64_t window_left,
+                       std::int64_t window_right) {
+  if (n <= 0 || kv_total <= 0) return 0;
+  if (window_left < 0 && (window_right < 0 || causal))
+    return visible_key_pairs(first, n, q_total, kv_total, causal);
+  // Row i sees keys [max(i' - L, 0), min(i' + R, kv_total - 1)], i' = i + c: the count is a
+  // piecewise linear function of i whose pieces end where a bound meets 0 or kv_total - 1.
+  const std::int64_t unbounded = q_total + kv_total + 1;  // reaches every key from every row
+  const std::int64_t L = window_left < 0 ? unbounded : window_left;
+  const std::int64_t R = causal ? 0 : window_right < 0 ? unbounded : window_right;
+  const std::int64_t c = kv_total - q_total, last = kv_total - 1;
+  auto count = [&](std::int64_t i) -> Wide {
+    const std::int64_t hi = std::min(i + c + R, last), lo = std::max(i + c - L, std::int64_t{0});
+    return hi >= lo ? hi - lo + 1 : 0;
+  };
+  std::int64_t cuts[] = {first, first + n, last - R - c, L - c, -R - c, kv_total + L - c};
+  for (std::int64_t& x : cuts) x = std::clamp(x, first, first + n);
+  std::sort(std::begin(cuts), std::end(cuts));
+  Wide pairs = 0;
+  for (int k = 0; k + 1 < 6; ++k) {  // linear on each [cuts[k], cuts[k + 1]): a trapezoid
+    const std::int64_t a = cuts[k], b = cuts[k + 1];
+    if (b > a) pairs += (count(a) + count(b - 1)) * (b - a) / 2;
+  }
+  return pairs;
+}
+
+RowWork::RowWork(const WorkInput& in)
+    : q_start_(in.q_doc_start), kv_start_(in.kv_doc_start), causal_(in.causal),
+      left_(in.window_left), right_(in.window_right) {
+  if (q_start_.empty()) {
+    q_start_ = {0, in.q_total};
+    kv_start_ = {0, in.kv_total};
+  }
+  cum_.assign(q_start_.size(), 0);
+  for (std::size_t d = 0; d + 1 < q_start_.size(); ++d) {
+    const std::int64_t nq = q_start_[d + 1] - q_start_[d], nk = kv_start_[d + 1] - kv_start_[d];
+    cum_[d + 1] = cum_[d] + visible_key_pairs(0, nq, nq, nk, causal_, left_, right_);
+  }
+}
+
+Wide RowWork::pairs_prefix(std::int64_t n) const {
+  if (n <= 0) return 0;
+  // The last document starting at or before n (n inside it, or n its end).
+  const auto it = std::upper_bound(q_start_.begin(), q_start_.end() - 1, n);
+  const std::size_t d = static_cast<std::size_t>(it - q_start_.begin()) - 1;
+  const std::int64_t nq = q_start_[d + 1] - q_start_[d], nk = kv_start_[d + 1] - kv_start_[d];
+  return cum_[d] + visible_key_pairs(0, std::min(n - q_start_[d], nq), nq, nk, causal_, left_, right_);
+}
+
+std::int64_t RowWork::cut(Wide target, std::int64_t lo, std::int64_t hi) const {
+  if (prefix(lo) >= target) return lo;
+  // The first document whose end reaches the target, then the first granule inside it.
+  const std::size_t docs = q_start_.size() - 1;
+  std::size_t a = 0, b = docs;
+  while (a < b) {
+    const std::size_t mid = (a + b) / 2;
+    if (prefix(q_start_[mid + 1]) >= target) b = mid;
+    else a = mid + 1;
+  }
+  if (a == docs) return hi;
+  const std::int64_t start = q_start_[a], len = q_start_[a + 1] - start, g = kQueryRowGranule;
+  std::int64_t k0 = 0, k1 = (len + g - 1) / g;
+  while (k0 < k1) {
+    const std::int64_t mid = (k0 + k1) / 2;
+    if (prefix(start + std::min(mid * g, len)) >= target) k1 = mid;
+    else k0 = mid + 1;
+  }
+  return std::clamp(start + std::min(k0 * g, len), lo, hi);
+}
+
 WorkInput work_input(const std::vector<std::int64_t>& q_lens, const std::vector<std::int64_t>& kv_lens,
                      std::int64_t q_heads, std::int64_t kv_heads, bool causal) {
   WorkInput w;
@@ -51,12 +115,12 @@ WorkInput work_input(const std::vector<std::int64_t>& q_lens, const std::vector<
 
 std::vector<RankWork> split_work(const WorkInput& in) {
   const int P = in.ranks;
-  const std::int64_t H = in.q_heads, S = in.q_total, g = kQueryRowGranule;
+  const std::int64_t H = in.q_heads, S = in.q_total;
   std::vector<Cut> cut(P + 1);
   if (S > 0 && H > 0) {
+    const RowWork rows(in);
     cut[P] = {H, 0};
-    const Wide per_head = row_work_prefix(S, in), total = per_head * H;
-    const std::int64_t granules = (S + g - 1) / g;
+    const Wide per_head = rows.prefix(S), total = per_head * H;
     for (int r = 1; r < P; ++r) {
       const Wide target = total * r / P;
       const auto h = static_cast<std::int64_t>(target / per_head);
@@ -65,14 +129,8 @@ std::vector<RankWork> split_work(const WorkInput& in) {
         cut[r] = {H, 0};
         continue;
       }
-      // The first granule boundary at or past the target: exact head boundaries stay exact.
-      std::int64_t lo = 0, hi = granules;
-      while (lo < hi) {
-        const std::int64_t mid = lo + (hi - lo) / 2;
-        if (row_work_prefix(std::min(mid * g, S), in) >= rest) hi = mid;
-        else lo = mid + 1;
-      }
-      const std::int64_t row = std::min(lo * g, S);
+      // The first allowed cut at or past the target: exact head boundaries stay exact.
+      const std::int64_t row = rows.cut(rest, 0, S);
       cut[r] = row == S ? Cut{h + 1, 0} : Cut{h, row};
     }
   }

@@ -27,7 +27,49 @@ std::string shape_problem(const AttentionShape& s) {
   if (s.dtype != DType::f32 && s.dtype != DType::bf16)
     return cat("dtype ", static_cast<int>(s.dtype), " is not a known dtype");
   if (!std::isfinite(s.scale)) return cat("scale ", s.scale, " is not finite");
+  if (s.batch < 1) return cat("batch ", s.batch, " must be >= 1");
+  if (s.batch > 2147483647 / s.q_heads)
+    return cat("batch ", s.batch, " x q_heads ", s.q_heads, " is above 2^31 - 1");
+  if (s.window_left < -1)
+    return cat("window_left ", s.window_left, " is negative (-1 means no bound on the left)");
+  if (s.window_right < -1)
+    return cat("window_right ", s.window_right, " is negative (-1 means no bound on the right)");
   return {};
+}
+
+// What is wrong with the documents in themselves ("" if nothing).
+std::string docs_problem(const Documents& d) {
+  if (!d.kv.empty() && d.kv.size() != d.q.size())
+    return cat("documents: ", d.q.size(), " query lengths but ", d.kv.size(), " key/value lengths");
+  for (std::size_t i = 0; i < d.q.size(); ++i)
+    if (d.q[i] < 0) return cat("documents: query length ", i, " is ", d.q[i], " (negative)");
+  for (std::size_t i = 0; i < d.kv.size(); ++i)
+    if (d.kv[i] < 0) return cat("documents: key/value length ", i, " is ", d.kv[i], " (negative)");
+  return {};
+}
+
+// The documents against the totals every rank knows ("" if they fit), and the strategy.
+std::string docs_fit_problem(const Documents& d, const AttentionShape& s, const PlanOptions& o,
+                             std::int64_t q_total, std::int64_t kv_total) {
+  if ((d.q.size() > 1 || s.batch > 1) && o.strategy != Strategy::uaa)
+    return cat("documents and batches need strategy uaa (the plan has ", strategy_name(o.strategy), ")");
+  if (d.q.empty()) return {};
+  __int128 q = 0, kv = 0;
+  for (std::int64_t x : d.q) q += x;
+  for (std::int64_t x : (d.kv.empty() ? d.q : d.kv)) kv += x;
+  if (q != q_total)
+    return cat("documents: the ", d.q.size(), " query lengths sum to ", static_cast<long double>(q),
+               " but the ranks hold ", q_total, " query tokens");
+  if (kv != kv_total)
+    return cat("documents: the ", d.q.size(), " key/value lengths sum to ",
+               static_cast<long double>(kv), " but the ranks hold ", kv_total, " key/value tokens");
+  return {};
+}
+
+// docs_fit_problem's code: a strategy that cannot run documents is `unsupported`.
+ErrorCode fit_code(const Documents& d, const AttentionShape& s, const PlanOptions& o) {
+  return (d.q.size() > 1 || s.batch > 1) && o.strategy != Strategy::uaa ? ErrorCode::unsupported
+                                                                       : ErrorCode::invalid_argument;
 }
 
 std::string options_problem(const PlanOptions& o) {
@@ -50,7 +92,8 @@ std::string size_problem(const AttentionShape& s, const std::vector<std::int64_t
   for (std::int64_t n : q) tokens += n;
   for (std::int64_t n : kv) tokens += 2 * static_cast<__int128>(n);
   const std::int64_t heads = std::max(s.q_heads, s.kv_heads);
-  const __int128 bytes = tokens * heads * s.head_dim * static_cast<std::int64_t>(dtype_size(s.dtype));
+  const __int128 bytes = tokens * heads * std::max<std::int64_t>(s.batch, 1) * s.head_dim *
+                         static_cast<std::int64_t>(dtype_size(s.dtype));
   constexpr __int128 kLimit = static_cast<__int128>(1) << 60;
   if (bytes > kLimit)
     return cat("the sequence is too large: q and k/v tokens x heads x head_dim come to ",
@@ -75,8 +118,21 @@ struct Fnv {
   void add(const T& v) { add(&v, sizeof v); }
 };
 
+// FNV-1a of the document lists as normalized (kv filled in; none when one document).
+std::uint64_t docs_digest(const Documents& d) {
+  Fnv f;
+  const std::uint64_t n = d.q.size() > 1 ? d.q.size() : 0;
+  f.add(n);
+  if (n == 0) return f.h;
+  f.add(d.q.data(), d.q.size() * sizeof(std::int64_t));
+  const std::vector<std::int64_t>& kv = d.kv.empty() ? d.q : d.kv;
+  f.add(kv.data(), kv.size() * sizeof(std::int64_t));
+  return f.h;
+}
+
 std::uint64_t fingerprint_of(const AttentionShape& s, const PlanOptions& o,
-                             const std::vector<std::int64_t>& q, const std::vector<std::int64_t>& kv) {
+                             const std::vector<std::int64_t>& q, const std::vector<std::int64_t>& kv,
+                             const Documents& docs) {
   Fnv f;
   const std::int64_t ranks = static_cast<std::int64_t>(q.size());
   f.add(ranks);
@@ -92,8 +148,14 @@ std::uint64_t fingerprint_of(const AttentionShape& s, const PlanOptions& o,
   f.add(static_cast<std::uint8_t>(o.strategy));
   f.add(static_cast<std::uint8_t>(o.allow_mixed_kernels));
   f.add(static_cast<std::uint8_t>(o.backward_order));
+  f.add(s.batch);
+  f.add(s.window_left);
+  f.add(s.window_right);
+  f.add(docs_digest(docs));
   return f.h;
 }
+
+
 
 }  // namespace
 
@@ -108,6 +170,13 @@ Geometry geometry_of(const PlanData& d) {
   g.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
   g.causal = s.causal;
   g.with_lse = s.return_lse;
+  g.batch = s.batch;
+  g.q_heads *= s.batch;
+  g.kv_heads *= s.batch;
+  g.window_left = s.window_left;
+  g.window_right = s.window_right;
+  g.q_doc_start = d.q_doc_start;
+  g.kv_doc_start = d.kv_doc_start;
   return g;
 }
 
@@ -122,10 +191,16 @@ const BackwardProgram& backward_program(const PlanData& d) {
 
 namespace {
 
+std::vector<std::int64_t> prefix_sums(const std::vector<std::int64_t>& v) {
+  std::vector<std::int64_t> p(v.size() + 1, 0);
+  for (std::size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
+  return p;
+}
+
 // O(P) for this rank: the work split of all ranks (O(P log S)) and this rank's program (O(P)).
 std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
                                 const PlanOptions& options, std::vector<std::int64_t> q_lens,
-                                std::vector<std::int64_t> kv_lens) {
+                                std::vector<std::int64_t> kv_lens, const Documents& docs) {
   auto d = std::make_shared<PlanData>();
   d->shape = normalized(shape);
   d->options = options;
@@ -139,16 +214,24 @@ std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
     d->q_start[j + 1] = d->q_start[j] + d->q_lens[j];
     d->kv_start[j + 1] = d->kv_start[j] + d->kv_lens[j];
   }
-  const AttentionShape& s = d->shape;
-  d->work = split_work(work_input(d->q_lens, d->kv_lens, s.q_heads, s.kv_heads, s.causal));
+  if (docs.q.size() > 1) {
+    d->docs = docs;
+    if (d->docs.kv.empty()) d->docs.kv = d->docs.q;
+    d->q_doc_start = prefix_sums(d->docs.q);
+    d->kv_doc_start = prefix_sums(d->docs.kv);
+  } else {
+    d->docs.q = {d->q_start.back()};
+    d->docs.kv = {d->kv_start.back()};
+  }
   const Geometry g = geometry_of(*d);
+  d->work = split_work(work_input(g));
   switch (options.strategy) {
     case Strategy::uaa: d->forward = compile_uaa_forward(g, d->work, d->rank); break;
     case Strategy::ulysses:
     case Strategy::ulysses_pad: d->forward = compile_padded_forward(g, d->rank); break;
     case Strategy::allgather_kv: d->forward = compile_allgather_kv_forward(g, d->rank); break;
   }
-  d->fingerprint = fingerprint_of(d->shape, options, d->q_lens, d->kv_lens);
+  d->fingerprint = fingerprint_of(d->shape, options, d->q_lens, d->kv_lens, d->docs);
   d->comm = comm.shared_from_this();
   return d;
 }
@@ -185,10 +268,12 @@ std::string ulysses_problem(const std::vector<std::int64_t>& q_lens,
 struct PlanRecord {
   std::uint64_t magic;
   std::int64_t q_len, kv_len, q_heads, kv_heads, head_dim, ranks;
+  std::int64_t batch, window_left, window_right, documents;
+  std::uint64_t docs_digest;
   float scale;
-  std::uint8_t dtype, causal, return_lse, strategy, allow_mixed;
+  std::uint8_t dtype, causal, return_lse, strategy, allow_mixed, backward_order;
 };
-constexpr std::uint64_t kPlanRecordMagic = 0x326e616c70616175ull;  // "uaaplan2"
+constexpr std::uint64_t kPlanRecordMagic = 0x336e616c70616175ull;  // "uaaplan3"
 
 // Problems of this process only (its kernel cannot run the dtype; kernel selection failed).
 std::string local_problem(const AttentionShape& shape, ErrorCode& code) {
@@ -214,6 +299,11 @@ const detail::PlanData& detail::plan_data(const Plan& plan) { return *plan.data_
 
 Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
                   std::int64_t kv_tokens, const PlanOptions& options) {
+  return create(comm, shape, q_tokens, kv_tokens, Documents{}, options);
+}
+
+Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t q_tokens,
+                  std::int64_t kv_tokens, const Documents& docs, const PlanOptions& options) {
   const int me = comm.rank(), P = comm.size();
   std::string problem;
   ErrorCode code = ErrorCode::invalid_argument;
@@ -223,6 +313,7 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
     problem = cat("kv_tokens ", kv_tokens, " is negative");
   } else if (!(problem = detail::shape_problem(shape)).empty()) {
   } else if (!(problem = detail::options_problem(options)).empty()) {
+  } else if (!(problem = detail::docs_problem(docs)).empty()) {
   } else {
     problem = detail::local_problem(shape, code);
   }
@@ -252,6 +343,12 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   mine.return_lse = shape.return_lse;
   mine.strategy = static_cast<std::uint8_t>(options.strategy);
   mine.allow_mixed = options.allow_mixed_kernels;
+  mine.backward_order = static_cast<std::uint8_t>(options.backward_order);
+  mine.batch = shape.batch;
+  mine.window_left = shape.window_left;
+  mine.window_right = shape.window_right;
+  mine.documents = docs.q.size() > 1 ? static_cast<std::int64_t>(docs.q.size()) : 1;
+  mine.docs_digest = detail::docs_digest(docs);
   std::vector<detail::PlanRecord> all(P);
   comm.allgather(&mine, sizeof mine, all.data());
 
@@ -282,6 +379,15 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
                strategy_name(Strategy(ref.strategy)));
     if (rec.allow_mixed != ref.allow_mixed)
       disagree("allow_mixed_kernels", int(rec.allow_mixed), int(ref.allow_mixed));
+    if (rec.backward_order != ref.backward_order)
+      disagree("backward_order", int(rec.backward_order), int(ref.backward_order));
+    if (rec.batch != ref.batch) disagree("batch", rec.batch, ref.batch);
+    if (rec.window_left != ref.window_left) disagree("window_left", rec.window_left, ref.window_left);
+    if (rec.window_right != ref.window_right)
+      disagree("window_right", rec.window_right, ref.window_right);
+    if (rec.documents != ref.documents || rec.docs_digest != ref.docs_digest)
+      disagree("documents", cat(rec.documents, " (digest ", rec.docs_digest, ")"),
+               cat(ref.documents, " (digest ", ref.docs_digest, ")"));
   }
   std::vector<std::int64_t> q_lens(P), kv_lens(P);
   for (int j = 0; j < P; ++j) {
@@ -294,12 +400,22 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   if (options.strategy == Strategy::ulysses)
     if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
       throw Error(ErrorCode::invalid_argument, "uaa::Plan::create: " + p);
-  return Plan(detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens)));
+  if (std::string p = detail::docs_fit_problem(docs, shape, options, detail::sum(q_lens),
+                                               detail::sum(kv_lens));
+      !p.empty())
+    throw Error(detail::fit_code(docs, shape, options), cat("uaa::Plan::create: ", p));
+  return Plan(detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens), docs));
 }
 
 Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
                         std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens,
                         const PlanOptions& options) {
+  return from_lengths(comm, shape, std::move(q_lens), std::move(kv_lens), Documents{}, options);
+}
+
+Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
+                        std::vector<std::int64_t> q_lens, std::vector<std::int64_t> kv_lens,
+                        const Documents& docs, const PlanOptions& options) {
   const int me = comm.rank(), P = comm.size();
   auto fail = [&](ErrorCode code, const std::string& what) {
     throw Error(code, cat("uaa::Plan::from_lengths: rank ", me, ": ", what));
@@ -319,9 +435,14 @@ Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
   if (options.strategy == Strategy::ulysses)
     if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
       fail(ErrorCode::invalid_argument, p);
+  if (std::string p = detail::docs_problem(docs); !p.empty()) fail(ErrorCode::invalid_argument, p);
+  if (std::string p = detail::docs_fit_problem(docs, shape, options, detail::sum(q_lens),
+                                               detail::sum(kv_lens));
+      !p.empty())
+    fail(detail::fit_code(docs, shape, options), p);
   ErrorCode code = ErrorCode::unsupported;
   const std::string local = detail::local_problem(shape, code);
-  auto d = detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens));
+  auto d = detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens), docs);
   if (!local.empty()) {  // reported by the first forward() on every rank (see plan.h)
     d->failed = true;
     d->error_code = code;
@@ -341,6 +462,28 @@ std::int64_t Plan::q_tokens() const { return data_->q_lens[rank()]; }
 std::int64_t Plan::kv_tokens() const { return data_->kv_lens[rank()]; }
 std::int64_t Plan::q_total() const { return data_->q_start.back(); }
 std::int64_t Plan::kv_total() const { return data_->kv_start.back(); }
+std::int64_t Plan::batch() const { return data_->shape.batch; }
+const Documents& Plan::documents() const { return data_->docs; }
+
+Documents Documents::from_cu_seqlens(const std::vector<std::int64_t>& cu_q,
+                                     const std::vector<std::int64_t>& cu_kv) {
+  auto lengths = [](const std::vector<std::int64_t>& cu, const char* name) {
+    std::vector<std::int64_t> out;
+    if (cu.empty()) return out;
+    if (cu[0] != 0)
+      throw Error(ErrorCode::invalid_argument,
+                  cat("uaa::Documents::from_cu_seqlens: ", name, "[0] is ", cu[0], ", not 0"));
+    for (std::size_t i = 1; i < cu.size(); ++i) {
+      if (cu[i] < cu[i - 1])
+        throw Error(ErrorCode::invalid_argument,
+                    cat("uaa::Documents::from_cu_seqlens: ", name, "[", i, "] = ", cu[i],
+                        " is below ", name, "[", i - 1, "] = ", cu[i - 1]));
+      out.push_back(cu[i] - cu[i - 1]);
+    }
+    return out;
+  };
+  return Documents{lengths(cu_q, "cu_q"), lengths(cu_kv, "cu_kv")};
+}
 
 namespace {
 const detail::RankWork& work_of(const detail::PlanData& d, int r, const char* what) {
@@ -403,7 +546,12 @@ std::string Plan::describe() const {
   return cat("plan ", ranks(), " ranks, q_lens ", detail::list(q_lens()), " (total ", q_total(),
              "), kv_lens ", detail::list(kv_lens()), " (total ", kv_total(), "), heads ", s.q_heads,
              "/", s.kv_heads, " x ", s.head_dim, " ", dtype_name(s.dtype),
-             s.causal ? " causal" : "", ", strategy ", strategy_name(data_->options.strategy), "; rank ", r,
+             s.causal ? " causal" : "",
+             s.batch > 1 ? cat(", batch ", s.batch) : std::string(),
+             s.window_left >= 0 || s.window_right >= 0
+                 ? cat(", window (", s.window_left, ",", s.window_right, ")") : std::string(),
+             data_->docs.q.size() > 1 ? cat(", ", data_->docs.q.size(), " documents") : std::string(),
+             ", strategy ", strategy_name(data_->options.strategy), "; rank ", r,
              " computes (head, row)  [(", work(r).first_head, ",", work(r).first_row, "), (",
              work(r).end_head, ",", work(r).end_row, ")) reading kv heads [", kv_head_begin(r), ",",
              kv_head_end(r), ")");

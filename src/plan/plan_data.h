@@ -20,6 +20,8 @@ struct PlanData {
   int ranks = 0, rank = 0;
   std::vector<std::int64_t> q_lens, kv_lens;
   std::vector<std::int64_t> q_start, kv_start;  // prefix sums (size ranks + 1)
+  Documents docs;  // normalized: kv filled in; one document of the totals when none were given
+  std::vector<std::int64_t> q_doc_start, kv_doc_start;  // prefix sums; empty: one document
   std::vector<RankWork> work;  // uaa's split, per rank (filled for every strategy)
   Program forward;             // this rank's forward program for the plan's strategy
   // This rank's backward program (uaa strategy), compiled on first use: backward_program().

@@ -12,6 +12,7 @@
 // h's sums over x's own key tokens, sent by the rank that completes h (unused when x completes h
 // itself: the reduce reads its own partial area then).
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/kernel.h"
 #include "program/builder.h"
@@ -277,6 +278,9 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
       c.q.push_back(q);
     }
     c.kv = keys;
+    c.window_left = g.window_left;
+    c.window_right = g.window_right;
+    split_documents(g, c);
     const std::int64_t head0 = B.partial_offset(r, heads.begin, 0);
     c.dk_partial = staged(Slot::stage_out, out_mine.partial_dk + head0);
     c.dv_partial = staged(Slot::stage_out, out_mine.partial_dv + head0);
@@ -296,9 +300,10 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
   // rest, and last the piece that continues a head from the received carry. With balanced work no
   // rank waits for a carry; before this schedule (carry sent after all other work) the rank
   // continuing a shared head waited for its predecessor's whole phase.
+  const RowWork row_work(work_input(g));
   auto piece_work = [&](const WorkPiece& p) {
-    return static_cast<double>(visible_key_pairs(p.rows.begin, p.rows.size(), G.q_total(), kv_total,
-                                                 g.causal)) * static_cast<double>(p.heads.size());
+    return static_cast<double>(row_work.pairs(p.rows.begin, p.rows.size())) *
+           static_cast<double>(p.heads.size());
   };
   double meet = 0;
   for (int x = 0; x < P; ++x)
@@ -330,16 +335,10 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
     // The head at the meeting point: rows [rows.begin, cut) before, [cut, rows.end) after.
     const std::int64_t h = p.heads.begin + whole;
     const double rest = budget - static_cast<double>(whole) * head_work;
-    std::int64_t lo = 0, hi = (p.rows.size() + kQueryRowGranule - 1) / kQueryRowGranule;
-    while (lo < hi) {  // the first cut (in granules) whose work reaches `rest`
-      const std::int64_t mid = (lo + hi) / 2;
-      const std::int64_t n = std::min(mid * kQueryRowGranule, p.rows.size());
-      if (static_cast<double>(visible_key_pairs(p.rows.begin, n, G.q_total(), kv_total, g.causal)) < rest)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    const std::int64_t cut = p.rows.begin + std::min(lo * kQueryRowGranule, p.rows.size());
+    // The first allowed cut (a document start or a granule from one) whose work reaches `rest`.
+    const std::int64_t cut = row_work.cut(
+        row_work.prefix(p.rows.begin) + static_cast<__int128>(std::max(0.0, std::ceil(rest))),
+        p.rows.begin, p.rows.end);
     if (cut > p.rows.begin)
       prog.phase1.push_back(make_step(i, {h, h + 1}, {p.rows.begin, cut}, Start::zero));
     prog.phase2.push_back(make_step(i, {h, h + 1}, {cut, p.rows.end},
@@ -462,6 +461,7 @@ BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWo
   prog.stage_out_bytes = out_mine.total;
   prog.saved_bytes = fwd_mine.total;
   finalize(prog);
+  split_batches(g, prog);
   return prog;
 }
 

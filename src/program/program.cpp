@@ -139,6 +139,9 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
       c.q.push_back(q);
     }
     c.kv = G.key_segments(r, Slot::stage_in);
+    c.window_left = g.window_left;
+    c.window_right = g.window_right;
+    split_documents(g, c);
     prog.compute.push_back(std::move(c));
   }
 
@@ -172,7 +175,17 @@ Program compile_uaa_forward(const Geometry& g, const std::vector<RankWork>& work
   prog.stage_in_bytes = in_mine.total;
   prog.stage_out_bytes = out_mine.total;
   finalize(prog);
+  split_batches(g, prog);
   return prog;
+}
+
+WorkInput work_input(const Geometry& g) {
+  WorkInput w = work_input(g.q_lens, g.kv_lens, g.q_heads, g.kv_heads, g.causal);
+  w.window_left = g.window_left;
+  w.window_right = g.window_right;
+  w.q_doc_start = g.q_doc_start;
+  w.kv_doc_start = g.kv_doc_start;
+  return w;
 }
 
 namespace {
@@ -281,8 +294,10 @@ Program compile_padded_forward(const Geometry& g, int r) {
   c.q_heads = G.hq;
   c.kv_head_begin = G.kv_head_begin[r];
   c.causal = g.causal;
-  ComputeStep pads = c;
+  ComputeStep pads = c;  // unmasked: their output is dropped
   pads.causal = false;
+  c.window_left = g.window_left;
+  c.window_right = g.window_right;
   for (int s = 0; s < P; ++s) {
     const std::int64_t in = s * G.in_block, out = s * G.out_block;
     QuerySegment q;
@@ -361,14 +376,21 @@ Program compile_allgather_kv_forward(const Geometry& g, int r) {
   // exactly j <= i + (Skv - Sq) for global row i = first + i_local, and keys keep their global
   // positions (they start at 0), so the result is bitwise that of uaa.
   const std::int64_t n = g.q_lens[r], first = q_start[r], q_total = q_start.back();
+  // With a window the keys to the right of the horizon may be visible: the rows keep their global
+  // positions instead (q_first = first of q_total, every key).
+  const bool windowed = g.window_left >= 0 || g.window_right >= 0;
   const std::int64_t keys =
-      g.causal ? std::clamp<std::int64_t>(first + n + kv_total - q_total, 0, kv_total) : kv_total;
+      g.causal && !windowed ? std::clamp<std::int64_t>(first + n + kv_total - q_total, 0, kv_total)
+                            : kv_total;
   if (n > 0) {
     ComputeStep c;
     c.q_heads = g.q_heads;
-    c.q_total = n;
+    c.q_first = windowed ? first : 0;
+    c.q_total = windowed ? q_total : n;
     c.kv_total = keys;
     c.causal = g.causal;
+    c.window_left = g.window_left;
+    c.window_right = g.window_right;
     QuerySegment q;
     q.tokens = n;
     q.q = tensor(Slot::q, 0, 0);

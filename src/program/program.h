@@ -29,6 +29,8 @@
 #include <string>
 #include <vector>
 
+#include "plan/layout.h"
+
 namespace uaa::detail {
 
 // Backward calls add the caller's dout/dq/dk/dv tensors, `delta` (this rank's rowsum(dO∘O),
@@ -100,12 +102,23 @@ struct KeySegment {
   std::int64_t tokens = 0;
   std::int64_t dense_heads = 0;  // staging places: kv heads per dense row
 };
+// Documents inside a step. Attention never crosses documents, so a step over the rows of several
+// documents runs one kernel call per document: segments [q_begin, q_end) and [kv_begin, kv_end) of
+// the step's lists (which are cut at document boundaries), rows counted from the document's start
+// (q_first of q_total; keys 0..kv_total), so tiles start at each document's start. kv_first: the
+// document's first key in the step's key numbering (where its dK/dV sums go in a partial block).
+struct DocSpan {
+  std::uint32_t q_begin = 0, q_end = 0, kv_begin = 0, kv_end = 0;
+  std::int64_t q_first = 0, q_total = 0, kv_first = 0, kv_total = 0;
+};
 struct ComputeStep {
   std::int64_t q_head_begin = 0, q_heads = 0, kv_head_begin = 0;
   std::int64_t q_first = 0, q_total = 0, kv_total = 0;
   bool causal = false;
+  std::int64_t window_left = -1, window_right = -1;
   std::vector<QuerySegment> q;
   std::vector<KeySegment> kv;
+  std::vector<DocSpan> docs;  // empty: one document (the fields above)
 };
 
 // A whole call for one rank: exchange `in`, compute every step, exchange `out` (either exchange may
@@ -145,8 +158,13 @@ struct BackwardStep {
   std::int64_t q_head_begin = 0, q_heads = 0, kv_head_begin = 0;
   std::int64_t q_first = 0, q_total = 0, kv_total = 0;
   bool causal = false;
+  std::int64_t window_left = -1, window_right = -1;
   std::vector<BackwardQuerySegment> q;
   std::vector<KeySegment> kv;
+  // Empty: one document. Else one kernel call per span, each writing its document's keys of the
+  // partial blocks (continuing the carry there); keys of documents no span covers keep the carry
+  // (head 0) or are zeroed, as a kernel does for keys no row sees.
+  std::vector<DocSpan> docs;
   // fp32 [q_heads][kv_total][head_dim] partial sums (stage_out) and the optional carry for head 0
   // ([kv_total][head_dim] fp32 in stage_in; pad: none).
   Place dk_partial, dv_partial, dk_carry, dv_carry;
@@ -177,11 +195,23 @@ struct BackwardProgram {
 };
 
 // What a generator needs of a plan (all ranks' lengths; normalized shape).
+//
+// Batches are heads: a plan of B sequences is generated as one sequence with B * q_heads query
+// heads and B * kv_heads key/value heads (head b * H + h is head h of sequence b; GQA groups stay
+// inside a sequence because q_heads = group * kv_heads), and split_batches() then cuts every part
+// and step that touches a caller tensor at sequence boundaries, so each names one sequence's
+// [tokens][heads] block (the executor resolves head b * H + h through the view's batch stride).
 struct Geometry {
   std::vector<std::int64_t> q_lens, kv_lens;
-  std::int64_t q_heads = 0, kv_heads = 0, head_dim = 0, elem_bytes = 0;
+  std::int64_t q_heads = 0, kv_heads = 0, head_dim = 0, elem_bytes = 0;  // over the whole batch
   bool causal = false, with_lse = false;
+  std::int64_t batch = 1;
+  std::int64_t window_left = -1, window_right = -1;
+  // Document starts of one sequence (prefix sums, documents + 1 entries); empty: one document.
+  std::vector<std::int64_t> q_doc_start, kv_doc_start;
 };
+// The work split's input for a geometry.
+WorkInput work_input(const Geometry& g);
 
 // Generators, one per strategy (plan.h describes them). Precondition: validated geometry;
 // ulysses additionally needs what ulysses_problem() checks.
@@ -194,6 +224,15 @@ Program compile_allgather_kv_forward(const Geometry& g, int rank);
 // added at the key owner in rank order).
 BackwardProgram compile_uaa_backward(const Geometry& g, const std::vector<RankWork>& work, int rank,
                                      bool canonical = true);
+
+// Cuts a step's segments at document boundaries and fills its spans (program.cpp). The segments
+// must cover global query rows [c.q_first, ...) and keys [0, c.kv_total) in order; no-op for a plan
+// of one document.
+void split_documents(const Geometry& g, ComputeStep& c);
+void split_documents(const Geometry& g, BackwardStep& c);
+// Batched plans: cuts parts and steps at sequence boundaries (see Geometry). No-op when batch == 1.
+void split_batches(const Geometry& g, Program& p);
+void split_batches(const Geometry& g, BackwardProgram& p);
 
 // Fills the derived sizes of a generated program (every generator ends with it).
 void finalize(Program& p);

@@ -94,6 +94,53 @@ TEST(Args, Backward) {
   expect_error({"--seq", "4", "--heads", "2", "--backward", "--backward"}, "more than once");
 }
 
+TEST(Args, DocumentsBatchWindow) {
+  RunOptions o = parse({"--seq", "10", "--heads", "3"});
+  EXPECT_FALSE(o.docs || o.kv_docs || o.batch || o.window_given);
+  EXPECT_EQ(o.window_left, -1);
+  EXPECT_EQ(o.window_right, -1);
+  o = parse({"--seq", "10", "--heads", "3", "--docs", "3,0,7", "--kv-docs=1,2,3", "--batch", "2",
+             "--window", "8,0", "--causal", "--backward"});
+  EXPECT_EQ(*o.docs, (std::vector<std::int64_t>{3, 0, 7}));
+  EXPECT_EQ(*o.kv_docs, (std::vector<std::int64_t>{1, 2, 3}));
+  EXPECT_EQ(*o.batch, 2);
+  EXPECT_TRUE(o.window_given);
+  EXPECT_EQ(o.window_left, 8);
+  EXPECT_EQ(o.window_right, 0);
+  o = parse({"--seq", "10", "--heads", "3", "--window=-1,5"});
+  EXPECT_EQ(o.window_left, -1);
+  EXPECT_EQ(o.window_right, 5);
+  o = parse({"--seq", "10", "--heads", "3", "--window", "-1,-1"});
+  EXPECT_TRUE(o.window_given);
+  EXPECT_EQ(o.window_left, -1);
+  EXPECT_EQ(o.window_right, -1);
+  // The library raises documents that do not sum to the totals (on every rank); the parser only
+  // checks the lists themselves.
+  EXPECT_EQ(*parse({"--seq", "10", "--heads", "3", "--docs", "1"}).docs, (std::vector<std::int64_t>{1}));
+
+  expect_error({"--seq", "4", "--heads", "2", "--window", "-2,0"},
+               "--window: -2 is outside [-1, ...] (the left side of '-2,0'");
+  expect_error({"--seq", "4", "--heads", "2", "--window", "0,-3"},
+               "--window: -3 is outside [-1, ...] (the right side of '0,-3'");
+  expect_error({"--seq", "4", "--heads", "2", "--window", "8"}, "--window: '8' is not L,R");
+  expect_error({"--seq", "4", "--heads", "2", "--window", "1,2,3"}, "--window: '1,2,3' is not L,R");
+  expect_error({"--seq", "4", "--heads", "2", "--window", ",0"}, "--window: empty entry in ',0'");
+  expect_error({"--seq", "4", "--heads", "2", "--window", "a,0"}, "--window: 'a' is not an integer");
+  expect_error({"--seq", "4", "--heads", "2", "--window"}, "--window needs a value");
+  expect_error({"--seq", "4", "--heads", "2", "--docs", "1,-2"}, "--docs: -2 is outside [0, ...]");
+  expect_error({"--seq", "4", "--heads", "2", "--docs", "1,,2"}, "--docs: empty entry in '1,,2'");
+  expect_error({"--seq", "4", "--heads", "2", "--docs", "x"}, "--docs: 'x' is not an integer");
+  expect_error({"--seq", "4", "--heads", "2", "--kv-docs", "1,3"}, "--kv-docs needs --docs");
+  expect_error({"--seq", "4", "--heads", "2", "--docs", "1,3", "--kv-docs", "4"},
+               "--kv-docs has 1 value(s) but --docs has 2");
+  expect_error({"--seq", "4", "--heads", "2", "--kv-docs", "1,-3", "--docs", "4"},
+               "--kv-docs: -3 is outside [0, ...]");
+  expect_error({"--seq", "4", "--heads", "2", "--batch", "0"}, "--batch: 0 is outside [1, 2147483647]");
+  expect_error({"--seq", "4", "--heads", "2", "--batch", "two"}, "--batch: 'two' is not an integer");
+  expect_error({"--seq", "4", "--heads", "2", "--batch", "2", "--batch", "2"}, "--batch is given more than once");
+  expect_error({"--seq", "4", "--heads", "2", "--docs", "4", "--docs", "4"}, "--docs is given more than once");
+}
+
 TEST(Args, EvenSplit) {
   EXPECT_EQ(uaa::cli::even_split(10, 4), (std::vector<std::int64_t>{3, 3, 2, 2}));
   EXPECT_EQ(uaa::cli::even_split(2, 3), (std::vector<std::int64_t>{1, 1, 0}));

@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "args.h"
+#include "data.h"
+#include "kernels/kernel.h"
 #include "memory.h"
 #include "npy.h"
 #include "save.h"
@@ -44,6 +46,19 @@ TEST(ToolOptions, DigestIsEqualForEqualMeaningAndDiffersOtherwise) {
                                                        "--backward", "--backward-mode", "saved"})));
   EXPECT_NE(options_digest(bwd), options_digest(parse({"--lens", "1,2", "--heads", "4", "--iters", "3",
                                                        "--backward", "--backward-mode", "recompute"})));
+  // Documents, batch and window take part; --window -1,-1 is given (a different option list)
+  // but the same attention as no --window.
+  const auto plain = parse({"--seq", "8", "--heads", "2"});
+  EXPECT_NE(options_digest(plain), options_digest(parse({"--seq", "8", "--heads", "2", "--docs", "8"})));
+  EXPECT_NE(options_digest(parse({"--seq", "8", "--heads", "2", "--docs", "3,5"})),
+            options_digest(parse({"--seq", "8", "--heads", "2", "--docs", "5,3"})));
+  EXPECT_NE(options_digest(parse({"--seq", "8", "--heads", "2", "--docs", "3,5"})),
+            options_digest(parse({"--seq", "8", "--heads", "2", "--docs", "3,5", "--kv-docs", "3,5"})));
+  EXPECT_NE(options_digest(plain), options_digest(parse({"--seq", "8", "--heads", "2", "--batch", "2"})));
+  EXPECT_NE(options_digest(parse({"--seq", "8", "--heads", "2", "--window", "8,0"})),
+            options_digest(parse({"--seq", "8", "--heads", "2", "--window", "0,8"})));
+  EXPECT_EQ(options_digest(parse({"--seq", "8", "--heads", "2", "--window", "8,0"})),
+            options_digest(parse({"--seq", "8", "--heads", "2", "--window=8,0"})));
   // The default and the explicit default mean the same run.
   EXPECT_EQ(options_digest(parse({"--seq", "8", "--heads", "2"})),
             options_digest(parse({"--seq", "8", "--heads", "2", "--iters", "1", "--dtype", "f32"})));
@@ -56,7 +71,7 @@ TEST(ToolOptions, CanonicalListNamesEveryOption) {
   for (const char* n : {"--lens", "--seq", "--kv-lens", "--kv-seq", "--heads", "--kv-heads",
                         "--head-dim", "--dtype", "--causal", "--strategy", "--iters", "--seed",
                         "--check", "--backward", "--backward-mode", "--load", "--save", "--json",
-                        "--help"})
+                        "--help", "--docs", "--kv-docs", "--batch", "--window"})
     EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
   EXPECT_EQ(opts[0].value, "1,2");
   EXPECT_TRUE(opts[0].given);
@@ -68,6 +83,50 @@ TEST(ToolOptions, Describe) {
   EXPECT_EQ(describe_option(0, {"--check", true, true, ""}), "rank 0 gives it");
   EXPECT_EQ(describe_option(3, {"--check", true, false, ""}), "rank 3 does not give it");
   EXPECT_EQ(describe_option(2, {"--seq", false, false, ""}), "rank 2 does not give it");
+}
+
+// ---- --check's reference masks ------------------------------------------------------------
+
+// reference_window: the float64 reference, given rows [a, b) of a document and the keys and window
+// sides reference_window chooses, sees exactly the keys the plan's mask shows every row (uaa/plan.h:
+// i + kv - q - L <= j <= i + kv - q + R, causal capping R at 0, -1 unbounded).
+TEST(ToolCheck, ReferenceWindowShowsEveryRowItsKeys) {
+  using uaa::detail::first_visible_key;
+  using uaa::detail::last_visible_key;
+  int cases = 0;
+  for (std::int64_t ql = 0; ql <= 7; ++ql)
+    for (std::int64_t kl = 0; kl <= 7; ++kl)
+      for (bool causal : {false, true})
+        for (std::int64_t wl : {-1, 0, 1, 3, 9})
+          for (std::int64_t wr : {-1, 0, 2, 9})
+            for (std::int64_t a = 0; a < ql; ++a)
+              for (std::int64_t b = a + 1; b <= ql; ++b) {
+                const uaa::cli::ReferenceWindow w =
+                    uaa::cli::reference_window(a, b, ql, kl, causal, wl, wr);
+                ASSERT_GE(w.key_first, 0);
+                ASSERT_LE(w.key_first + w.keys, kl);
+                const std::int64_t right = causal ? 0 : wr;
+                for (std::int64_t i = a; i < b; ++i) {
+                  const std::int64_t al = i + kl - ql;
+                  std::int64_t first = wl < 0 ? 0 : std::max<std::int64_t>(0, al - wl);
+                  std::int64_t last = right < 0 ? kl - 1 : std::min(kl - 1, al + right);
+                  if (first > last) first = 0, last = -1;  // none
+                  std::int64_t rf = 0, rl = -1;
+                  if (w.keys > 0) {
+                    ASSERT_GE(w.window_left, wl < 0 ? -1 : 0);
+                    ASSERT_GE(w.window_right, right < 0 ? -1 : 0);
+                    rf = w.key_first + first_visible_key(i - a, b - a, w.keys, w.window_left);
+                    rl = w.key_first + last_visible_key(i - a, b - a, w.keys, false, w.window_right);
+                    if (rf > rl) rf = 0, rl = -1;
+                  }
+                  ASSERT_EQ(first, rf) << "q " << ql << " kv " << kl << " causal " << causal << " window "
+                                       << wl << "," << wr << " rows " << a << "-" << b << " row " << i;
+                  ASSERT_EQ(last, rl) << "q " << ql << " kv " << kl << " causal " << causal << " window "
+                                      << wl << "," << wr << " rows " << a << "-" << b << " row " << i;
+                  ++cases;
+                }
+              }
+  EXPECT_GT(cases, 10000);
 }
 
 // ---- Memory --------------------------------------------------------------------------------

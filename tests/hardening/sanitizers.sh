@@ -42,7 +42,7 @@ mpiexec=$(sed -n 's/^MPIEXEC_EXECUTABLE:[A-Z]*=//p' "$bin/CMakeCache.txt")
 mpiexec=${mpiexec:-mpiexec}
 grep -E "^-- uaa: MPI " "$bin.configure.log" || true
 targets="uaa_unit_tests uaa_plan_property_test uaa_kernel_tests uaa_kernel_backward_tests uaa_mpi_forward_test
-  uaa_mpi_backward_test uaa_mpi_error_test
+  uaa_mpi_backward_test uaa_mpi_documents_test uaa_mpi_error_test
   uaa_mpi_chunked_test uaa_deadline_test uaa_numerics_test uaa_cli uaa_plan_fuzz uaa_npy_fuzz"
 # shellcheck disable=SC2086
 cmake --build "$bin" -j2 --target $targets >"$bin.build.log" 2>&1 || { tail -50 "$bin.build.log"; exit 1; }
@@ -68,6 +68,7 @@ mpi 3 "$t/mpi/uaa_mpi_chunked_test" --gtest_brief=1
 for n in 1 3; do
   mpi "$n" "$t/mpi/uaa_mpi_backward_test" --gtest_brief=1
 done
+mpi 3 "$t/mpi/uaa_mpi_documents_test" --gtest_brief=1
 run "$t/kernels/uaa_kernel_backward_tests" --gtest_brief=1
 mpi 2 "$t/hardening/uaa_deadline_test" --gtest_brief=1
 mpi 2 "$t/hardening/uaa_numerics_test" --gtest_brief=1

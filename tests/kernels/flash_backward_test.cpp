@@ -62,13 +62,23 @@ struct Shape {
   std::int64_t Sq, Skv, Hq, Hkv, D;
   bool causal;
   float sharpness = 2.0f;  // scale = sharpness / sqrt(D)
+  std::int64_t wl = -1, wr = -1;  // sliding window (BackwardProblem::window_left / window_right)
   std::string str() const {
     return "Sq=" + std::to_string(Sq) + " Skv=" + std::to_string(Skv) + " Hq=" + std::to_string(Hq) +
            " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + (causal ? " causal" : "") +
-           " sharp=" + std::to_string(sharpness);
+           window_str(wl, wr) + " sharp=" + std::to_string(sharpness);
   }
   float scale() const { return sharpness / std::sqrt(static_cast<float>(D)); }
   std::int64_t group() const { return Hq / Hkv; }
+  std::int64_t first_key(std::int64_t i) const { return first_visible_key(i, Sq, Skv, wl); }
+  std::int64_t last_key(std::int64_t i) const { return last_visible_key(i, Sq, Skv, causal, wr); }
+  Shape with(const Mask& m) const {
+    Shape t = *this;
+    t.causal = m.causal;
+    t.wl = m.window.left;
+    t.wr = m.window.right;
+    return t;
+  }
 };
 
 std::size_t sz(std::int64_t n) { return static_cast<std::size_t>(std::max<std::int64_t>(1, n)); }
@@ -85,7 +95,7 @@ Case make_case(const Shape& s, DType dt, std::uint64_t seed = 5) {
          make(seed, 2, s.Skv, s.Hkv, s.D, dt), make(seed, 3, s.Sq, s.Hq, s.D, dt), {}, {}};
   std::vector<double> out(sz(s.Sq * s.Hq * s.D)), lse(sz(s.Sq * s.Hq));
   reference_attention(c.q.f.data(), c.k.f.data(), c.v.f.data(), s.Sq, s.Skv, s.Hq, s.Hkv, s.D,
-                      s.scale(), s.causal, out.data(), lse.data());
+                      s.scale(), s.causal, out.data(), lse.data(), s.wl, s.wr);
   c.lse.resize(sz(s.Sq * s.Hq));
   c.delta.resize(sz(s.Sq * s.Hq));
   for (std::int64_t i = 0; i < s.Sq * s.Hq; ++i) {
@@ -109,6 +119,11 @@ struct Options {
   const std::vector<float>* dk_carry = nullptr;
   const std::vector<float>* dv_carry = nullptr;
   bool ordered_dq = true;
+  // Write dk/dv partials into these caller buffers (heads partial_head_stride floats apart, 0:
+  // dense) instead of fresh dense ones; Result.dk/dv then stay empty. A carry may point into them.
+  std::vector<float>* dk_into = nullptr;
+  std::vector<float>* dv_into = nullptr;
+  std::int64_t partial_head_stride = 0;
 };
 
 struct Result {
@@ -182,9 +197,12 @@ Result run(const BackwardKernel& kernel, const Case& c, const Options& o) {
   p.kv_total = s.Skv;
   p.scale = s.scale();
   p.causal = s.causal;
+  p.window_left = s.wl;
+  p.window_right = s.wr;
   p.threads = o.threads;
-  p.dk_partial = dk.data();
-  p.dv_partial = dv.data();
+  p.dk_partial = o.dk_into ? o.dk_into->data() : dk.data();
+  p.dv_partial = o.dv_into ? o.dv_into->data() : dv.data();
+  p.partial_head_stride = o.partial_head_stride;
   p.dk_carry = o.dk_carry ? o.dk_carry->data() : nullptr;
   p.dv_carry = o.dv_carry ? o.dv_carry->data() : nullptr;
   p.ordered_dq = o.ordered_dq;
@@ -214,8 +232,8 @@ Result run(const BackwardKernel& kernel, const Case& c, const Options& o) {
         r.dq[(i * s.Hq + h) * s.D + d] = x;
       }
     }
-  r.dk = std::move(dk);
-  r.dv = std::move(dv);
+  if (!o.dk_into) r.dk = std::move(dk);
+  if (!o.dv_into) r.dv = std::move(dv);
   return r;
 }
 
@@ -242,12 +260,12 @@ Plain plain(const Case& c) {
   std::vector<float> acc(static_cast<std::size_t>(D));
   for (std::int64_t h = 0; h < s.Hq; ++h)
     for (std::int64_t i = 0; i < s.Sq; ++i) {
-      const std::int64_t last = last_visible_key(i, s.Sq, s.Skv, s.causal);
+      const std::int64_t first = s.first_key(i), last = s.last_key(i);
       const float* q = &c.q.f[(i * s.Hq + h) * D];
       const float* g = &c.dout.f[(i * s.Hq + h) * D];
       const float lse = c.lse[i * s.Hq + h], delta = c.delta[i * s.Hq + h];
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (std::int64_t j = 0; j <= last; ++j) {
+      for (std::int64_t j = first; j <= last; ++j) {
         const std::int64_t kv = j * s.Hkv + h / G;
         const float* k = &c.k.f[kv * D];
         const float* v = &c.v.f[kv * D];
@@ -287,7 +305,7 @@ Reference reference(const Case& c) {
   r.dv.resize(sz(s.Skv * s.Hkv * s.D));
   reference_attention_backward(c.q.f.data(), c.k.f.data(), c.v.f.data(), c.dout.f.data(), s.Sq, s.Skv,
                                s.Hq, s.Hkv, s.D, s.scale(), s.causal, r.dq.data(), r.dk.data(),
-                               r.dv.data());
+                               r.dv.data(), s.wl, s.wr);
   r.pl = plain(c);
   return r;
 }
@@ -381,7 +399,7 @@ void expect_close(const BackwardKernel& k, const Case& c, const Reference& ref, 
     EXPECT_LE(o.excess, o.tol) << what << " " << o.name << " (error " << o.err << ", plain " << o.plain << ")";
   // Rows without a visible key have dq exactly zero.
   for (std::int64_t i = 0; i < s.Sq; ++i)
-    if (last_visible_key(i, s.Sq, s.Skv, s.causal) < 0)
+    if (s.first_key(i) > s.last_key(i))
       for (std::int64_t j = 0; j < s.Hq * s.D; ++j)
         if (r.dq[static_cast<std::size_t>(i * s.Hq * s.D + j)] != 0.0f) {
           ADD_FAILURE() << what << ": row " << i << " sees no key but has a nonzero dq";
@@ -471,12 +489,24 @@ TEST(FlashBackward, LongerSequence) {
   check_against_reference({{700, 700, 1, 1, 32, true, 2.0f}, {500, 600, 2, 1, 32, false, 2.0f}});
 }
 
-// (a) threads 1, 2, 3 give the same bits (dq's key order is kept across threads).
+// Sliding windows (kWindows, with and without causal), Sq = Skv, Sq < Skv and Sq > Skv (leading
+// rows that see no key: dq 0, no contribution); GQA group 2.
+TEST(FlashBackward, SlidingWindow) {
+  std::vector<Shape> shapes;
+  for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{130, 130}, {97, 260}, {260, 97}})
+    for (const Mask& m : masks_with_windows())
+      if (m.window.left >= 0 || m.window.right >= 0)
+        shapes.push_back(Shape{sq, skv, 2, 1, 48, false, 2.0f}.with(m));
+  check_against_reference(shapes);
+}
+
+// (a) threads 1, 2, 3 give the same bits (dq's key order is kept across threads; with a window the
+// dQ tickets start at each query tile's first key tile).
 TEST(FlashBackward, ThreadCountsBitwiseEqual) {
   for (const BackwardKernel* k : variants())
     for (DType dt : kDtypes)
-      for (bool causal : {false, true}) {
-        const Shape s{400, 450, 3, 3, 64, causal, 2.0f};
+      for (const Mask& m : masks_with_windows()) {
+        const Shape s = Shape{400, 450, 3, 3, 64, false, 2.0f}.with(m);
         const Case c = make_case(s, dt);
         Options o;
         const Result one = run(*k, c, o);
@@ -493,8 +523,8 @@ TEST(FlashBackward, SegmentsBitwiseEqualToOneSegment) {
   test::Rng rng(17);
   for (const BackwardKernel* k : variants())
     for (DType dt : kDtypes)
-      for (bool causal : {false, true}) {
-        const Shape s{233, 201, 2, 1, 64, causal, 2.0f};
+      for (const Mask& m : masks_with_windows()) {
+        const Shape s = Shape{233, 201, 2, 1, 64, false, 2.0f}.with(m);
         const Case c = make_case(s, dt);
         const Result whole = run(*k, c, {});
         for (int trial = 0; trial < 3; ++trial) {
@@ -520,37 +550,41 @@ TEST(FlashBackward, SegmentsBitwiseEqualToOneSegment) {
 // (c) heads [0, H) in one call equal one call per head (and a range of heads inside a group).
 TEST(FlashBackward, HeadSplitBitwiseEqual) {
   for (const BackwardKernel* k : variants())
-    for (DType dt : kDtypes) {
-      const Shape s{150, 140, 6, 2, 64, true, 2.0f};
-      const Case c = make_case(s, dt);
-      const Result all = run(*k, c, {});
-      const std::size_t es = dt == DType::bf16 ? 2 : 4;
-      const std::size_t part = static_cast<std::size_t>(s.Skv * s.D);
-      std::vector<std::pair<std::int64_t, std::int64_t>> splits;
-      for (std::int64_t h = 0; h < s.Hq; ++h) splits.push_back({h, 1});
-      splits.push_back({1, 3});
-      splits.push_back({4, 2});
-      for (auto [h0, nh] : splits) {
-        Options o;
-        o.head_begin = h0;
-        o.head_count = nh;
-        const Result r = run(*k, c, o);
-        const std::string what = std::string(k->name()) + " " + dtype_name(dt) + " heads [" +
-                                 std::to_string(h0) + ", " + std::to_string(h0 + nh) + ")";
-        for (std::int64_t i = 0; i < s.Sq; ++i) {
-          const std::size_t off = static_cast<std::size_t>((i * s.Hq + h0) * s.D) * es;
-          ASSERT_EQ(0, std::memcmp(all.dq_raw.data() + off, r.dq_raw.data() + off, nh * s.D * es))
-              << what << " dq row " << i;
+    for (DType dt : kDtypes)
+      for (const Mask& m : masks_with_windows()) {
+        if (!m.causal && m.window.left < 0 && m.window.right < 0) continue;
+        const Shape s = Shape{150, 140, 6, 2, 64, true, 2.0f}.with(m);
+        const Case c = make_case(s, dt);
+        const Result all = run(*k, c, {});
+        const std::size_t es = dt == DType::bf16 ? 2 : 4;
+        const std::size_t part = static_cast<std::size_t>(s.Skv * s.D);
+        std::vector<std::pair<std::int64_t, std::int64_t>> splits;
+        for (std::int64_t h = 0; h < s.Hq; ++h) splits.push_back({h, 1});
+        splits.push_back({1, 3});
+        splits.push_back({4, 2});
+        for (auto [h0, nh] : splits) {
+          Options o;
+          o.head_begin = h0;
+          o.head_count = nh;
+          const Result r = run(*k, c, o);
+          const std::string what = std::string(k->name()) + " " + dtype_name(dt) + " " + s.str() +
+                                   " heads [" + std::to_string(h0) + ", " + std::to_string(h0 + nh) + ")";
+          for (std::int64_t i = 0; i < s.Sq; ++i) {
+            const std::size_t off = static_cast<std::size_t>((i * s.Hq + h0) * s.D) * es;
+            ASSERT_EQ(0, std::memcmp(all.dq_raw.data() + off, r.dq_raw.data() + off, nh * s.D * es))
+                << what << " dq row " << i;
+          }
+          EXPECT_EQ(0, std::memcmp(all.dk.data() + h0 * part, r.dk.data(), nh * part * 4)) << what << " dk";
+          EXPECT_EQ(0, std::memcmp(all.dv.data() + h0 * part, r.dv.data(), nh * part * 4)) << what << " dv";
         }
-        EXPECT_EQ(0, std::memcmp(all.dk.data() + h0 * part, r.dk.data(), nh * part * 4)) << what << " dk";
-        EXPECT_EQ(0, std::memcmp(all.dv.data() + h0 * part, r.dv.data(), nh * part * 4)) << what << " dv";
       }
-    }
 }
 
 // (d) rows [0, m) then [m, n) with the first call's partials as carry give the one-call partials
 // bitwise (m a multiple of kQueryRowGranule), and the same dq rows; also a three-way chain. Causal
-// with Sq > Skv: the first rows see no key; keys no row of a call sees keep the carry (or 0).
+// with Sq > Skv: the first rows see no key; keys no row of a call sees keep the carry (or 0). With
+// a window a row may reach its first key tile after tiles it sees nothing of, and a key tile may be
+// seen by the first rows of a query tile only.
 void check_row_split_with_carry(const BackwardKernel& k, DType dt, const Shape& s) {
   const Case c = make_case(s, dt);
   const Result whole = run(k, c, {});
@@ -581,13 +615,18 @@ void check_row_split_with_carry(const BackwardKernel& k, DType dt, const Shape& 
           ASSERT_EQ(0, std::memcmp(whole.dq_raw.data() + off, r.dq_raw.data() + off, s.D * es))
               << what << " dq row " << i;
         }
-        // Keys no row of the first piece sees: partial exactly 0.
-        if (piece == 0) {
-          const std::int64_t last = last_visible_key(o.row_end - 1, s.Sq, s.Skv, s.causal);
-          for (std::size_t e = static_cast<std::size_t>((last + 1) * s.D); e < part; ++e)
-            ASSERT_TRUE(r.dk[e] == 0.0f && !std::signbit(r.dk[e]) && r.dv[e] == 0.0f && !std::signbit(r.dv[e]))
-                << what << " unseen key " << e / s.D;
-        }
+        // Keys no row of the first piece sees: partial exactly +0.
+        if (piece == 0)
+          for (std::int64_t j = 0; j < s.Skv; ++j) {
+            bool seen = false;
+            for (std::int64_t i = o.row_begin; i < o.row_end; ++i)
+              seen |= s.first_key(i) <= j && j <= s.last_key(i);
+            if (seen) continue;
+            for (std::int64_t e = j * s.D; e < (j + 1) * s.D; ++e)
+              ASSERT_TRUE(r.dk[e] == 0.0f && !std::signbit(r.dk[e]) && r.dv[e] == 0.0f &&
+                          !std::signbit(r.dv[e]))
+                  << what << " unseen key " << j;
+          }
         dk_carry = r.dk;
         dv_carry = r.dv;
       }
@@ -601,7 +640,7 @@ TEST(FlashBackward, RowSplitWithCarryBitwiseEqual) {
     for (DType dt : kDtypes)
       for (const Shape& s : {Shape{200, 130, 2, 1, 80, true, 2.0f}, Shape{200, 230, 2, 2, 64, false, 2.0f},
                              Shape{250, 250, 1, 1, 64, true, 2.0f}})
-        check_row_split_with_carry(*k, dt, s);
+        for (const Mask& m : masks_with_windows()) check_row_split_with_carry(*k, dt, s.with(m));
 }
 
 // The same where the bf16 products' pairs meet odd counts: an odd last query tile (199 rows: its
@@ -613,8 +652,13 @@ TEST(FlashBackward, RowSplitWithCarryOddPairsBitwiseEqual) {
   for (const BackwardKernel* k : variants())
     for (DType dt : kDtypes)
       for (const Shape& s : {Shape{199, 130, 1, 1, 48, true, 2.0f}, Shape{199, 131, 2, 1, 17, true, 2.0f},
-                             Shape{151, 97, 1, 1, 17, false, 2.0f}})
+                             Shape{151, 97, 1, 1, 17, false, 2.0f}}) {
         check_row_split_with_carry(*k, dt, s);
+        // Windows with odd edges: rows whose first visible key is odd (a dQ key pair starting with
+        // a masked key), rows seeing a key tile only through its first keys.
+        for (Window w : {Window{1, 0}, Window{5, 3}, Window{63, 64}, Window{-1, 7}})
+          check_row_split_with_carry(*k, dt, s.with({s.causal, w}));
+      }
 }
 
 // A row range that starts inside a query tile (plans start at multiples of 48, but the kernel tiles
@@ -622,27 +666,29 @@ TEST(FlashBackward, RowSplitWithCarryOddPairsBitwiseEqual) {
 // calls add up to the one call's.
 TEST(FlashBackward, UnalignedRowRange) {
   for (const BackwardKernel* k : variants())
-    for (DType dt : kDtypes) {
-      const Shape s{150, 140, 1, 1, 64, true, 2.0f};
-      const Case c = make_case(s, dt);
-      const Result whole = run(*k, c, {});
-      Options o1, o2;
-      o1.row_end = o2.row_begin = 20;
-      o2.q_cuts = {7, 0, 123};
-      o2.threads = 2;
-      const Result a = run(*k, c, o1), b = run(*k, c, o2);
-      const std::size_t es = dt == DType::bf16 ? 2 : 4, row = static_cast<std::size_t>(s.Hq * s.D) * es;
-      EXPECT_EQ(0, std::memcmp(whole.dq_raw.data(), a.dq_raw.data(), 20 * row)) << k->name();
-      EXPECT_EQ(0, std::memcmp(whole.dq_raw.data() + 20 * row, b.dq_raw.data() + 20 * row, 130 * row))
-          << k->name();
-      double e = 0, m = 0;
-      for (std::size_t i = 0; i < whole.dk.size(); ++i) {
-        e = std::max(e, std::abs(static_cast<double>(a.dk[i]) + b.dk[i] - whole.dk[i]));
-        e = std::max(e, std::abs(static_cast<double>(a.dv[i]) + b.dv[i] - whole.dv[i]));
-        m = std::max({m, std::abs(static_cast<double>(whole.dk[i])), std::abs(static_cast<double>(whole.dv[i]))});
+    for (DType dt : kDtypes)
+      for (Window w : {Window{-1, -1}, Window{5, 3}, Window{63, 64}}) {
+        const Shape s = Shape{150, 140, 1, 1, 64, true, 2.0f}.with({true, w});
+        const Case c = make_case(s, dt);
+        const Result whole = run(*k, c, {});
+        Options o1, o2;
+        o1.row_end = o2.row_begin = 20;
+        o2.q_cuts = {7, 0, 123};
+        o2.threads = 2;
+        const Result a = run(*k, c, o1), b = run(*k, c, o2);
+        const std::size_t es = dt == DType::bf16 ? 2 : 4, row = static_cast<std::size_t>(s.Hq * s.D) * es;
+        EXPECT_EQ(0, std::memcmp(whole.dq_raw.data(), a.dq_raw.data(), 20 * row)) << k->name();
+        EXPECT_EQ(0, std::memcmp(whole.dq_raw.data() + 20 * row, b.dq_raw.data() + 20 * row, 130 * row))
+            << k->name();
+        double e = 0, m = 0;
+        for (std::size_t i = 0; i < whole.dk.size(); ++i) {
+          e = std::max(e, std::abs(static_cast<double>(a.dk[i]) + b.dk[i] - whole.dk[i]));
+          e = std::max(e, std::abs(static_cast<double>(a.dv[i]) + b.dv[i] - whole.dv[i]));
+          m = std::max(
+              {m, std::abs(static_cast<double>(whole.dk[i])), std::abs(static_cast<double>(whole.dv[i]))});
+        }
+        EXPECT_LE(e, 1e-5 * m) << k->name() << " " << dtype_name(dt);
       }
-      EXPECT_LE(e, 1e-5 * m) << k->name() << " " << dtype_name(dt);
-    }
 }
 
 // (e) head-major storage with padded rows (NaN padding), padded lse/delta and a strided dq.
@@ -657,6 +703,77 @@ TEST(FlashBackward, StridedLayoutsBitwiseEqual) {
       o.kv_cuts = {1, 139};
       EXPECT_TRUE(same_bits(run(*k, c, {}), run(*k, c, o))) << k->name() << " " << dtype_name(dt);
     }
+}
+
+// partial_head_stride: partials written into a larger per-head block (a document's keys inside a
+// longer sequence's block) have the dense bits, the floats between heads stay untouched; a carry
+// read in place from that block (local head 0) continues the chain as from a dense carry.
+TEST(FlashBackward, PartialHeadStride) {
+  for (const BackwardKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (const Mask& m : {Mask{true}, Mask{false, {5, 3}}, Mask{true, {63, 64}}}) {
+        const Shape s = Shape{150, 140, 4, 2, 40, false, 2.0f}.with(m);
+        const Case c = make_case(s, dt);
+        const std::int64_t part = s.Skv * s.D, stride = part + 77, nh = s.Hq;
+        const std::string what = std::string(k->name()) + " " + dtype_name(dt) + " " + s.str();
+        const float sentinel = -1234.5f;
+        // All heads, all rows.
+        const Result dense = run(*k, c, {});
+        std::vector<float> dk(static_cast<std::size_t>(nh * stride), sentinel), dv = dk;
+        Options o;
+        o.dk_into = &dk;
+        o.dv_into = &dv;
+        o.partial_head_stride = stride;
+        o.threads = 2;
+        const Result r = run(*k, c, o);
+        EXPECT_EQ(dense.dq_raw, r.dq_raw) << what << " dq";
+        for (std::int64_t h = 0; h < nh; ++h) {
+          EXPECT_EQ(0, std::memcmp(dense.dk.data() + h * part, dk.data() + h * stride, part * 4))
+              << what << " dk head " << h;
+          EXPECT_EQ(0, std::memcmp(dense.dv.data() + h * part, dv.data() + h * stride, part * 4))
+              << what << " dv head " << h;
+          for (std::int64_t e = part; e < stride; ++e)
+            ASSERT_TRUE(dk[h * stride + e] == sentinel && dv[h * stride + e] == sentinel)
+                << what << " gap, head " << h;
+        }
+        // Head 1 alone, rows [0, 96) then [96, Sq) continuing in place from the block.
+        std::vector<float> dk1(static_cast<std::size_t>(stride + 5), sentinel), dv1 = dk1;
+        for (auto [rb, re] : {std::pair<std::int64_t, std::int64_t>{0, 96}, {96, s.Sq}}) {
+          Options p1 = o;
+          p1.dk_into = &dk1;
+          p1.dv_into = &dv1;
+          p1.head_begin = 1;
+          p1.head_count = 1;
+          p1.row_begin = rb;
+          p1.row_end = re;
+          if (rb > 0) {
+            p1.dk_carry = &dk1;
+            p1.dv_carry = &dv1;
+          }
+          run(*k, c, p1);
+        }
+        EXPECT_EQ(0, std::memcmp(dense.dk.data() + part, dk1.data(), part * 4)) << what << " chained dk";
+        EXPECT_EQ(0, std::memcmp(dense.dv.data() + part, dv1.data(), part * 4)) << what << " chained dv";
+        for (std::int64_t e = part; e < stride + 5; ++e)
+          ASSERT_TRUE(dk1[e] == sentinel && dv1[e] == sentinel) << what << " chained gap";
+        // No rows: carry (head 0) or zero, at the stride.
+        std::vector<float> dk0(static_cast<std::size_t>(2 * stride), sentinel), dv0 = dk0;
+        Options p0 = o;
+        p0.dk_into = &dk0;
+        p0.dv_into = &dv0;
+        p0.head_begin = 2;
+        p0.head_count = 2;
+        p0.row_begin = p0.row_end = 48;
+        p0.dk_carry = &dense.dk;
+        p0.dv_carry = &dense.dv;
+        run(*k, c, p0);
+        EXPECT_EQ(0, std::memcmp(dense.dk.data(), dk0.data(), part * 4)) << what << " no rows, carry";
+        for (std::int64_t e = 0; e < stride; ++e) {
+          ASSERT_TRUE(e < part || (dk0[e] == sentinel && dv0[e] == sentinel)) << what << " no rows, gap";
+          ASSERT_TRUE(e >= part || dk0[stride + e] == 0.0f) << what << " no rows, head 1";
+          ASSERT_TRUE(e < part || dk0[stride + e] == sentinel) << what << " no rows, tail";
+        }
+      }
 }
 
 // No keys: dq is zero. No rows: the partials are the carry (head 0) or zero.

@@ -40,12 +40,23 @@ struct Shape {
   std::int64_t Sq, Skv, Hq, Hkv, D;
   bool causal;
   float sharpness = 1.0f;  // scale = sharpness / sqrt(D): > 1 makes the softmax peaky
+  std::int64_t wl = -1, wr = -1;  // sliding window (KernelProblem::window_left / window_right)
   std::string str() const {
     return "Sq=" + std::to_string(Sq) + " Skv=" + std::to_string(Skv) + " Hq=" + std::to_string(Hq) +
            " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + (causal ? " causal" : "") +
-           " sharp=" + std::to_string(sharpness);
+           window_str(wl, wr) + " sharp=" + std::to_string(sharpness);
   }
   float scale() const { return sharpness / std::sqrt(static_cast<float>(D)); }
+  std::int64_t first_key(std::int64_t i) const { return first_visible_key(i, Sq, Skv, wl); }
+  std::int64_t last_key(std::int64_t i) const { return last_visible_key(i, Sq, Skv, causal, wr); }
+  bool sees_none(std::int64_t i) const { return first_key(i) > last_key(i); }
+  Shape with(const Mask& m) const {
+    Shape t = *this;
+    t.causal = m.causal;
+    t.wl = m.window.left;
+    t.wr = m.window.right;
+    return t;
+  }
 };
 
 struct Inputs {
@@ -71,6 +82,7 @@ struct RunOptions {
   int threads = 1;
   std::int64_t head_begin = 0, head_count = -1;  // q heads computed (-1: all)
   bool head_major_padded = false;  // [H][S][D + 3] storage instead of [S][H][D]
+  std::int64_t row_begin = 0, row_end = -1;  // query rows of the call (-1: all); others stay 0x5a
 };
 
 Result run(const AttentionKernel& kernel, const Inputs& in, const RunOptions& o) {
@@ -90,8 +102,9 @@ Result run(const AttentionKernel& kernel, const Inputs& in, const RunOptions& o)
   const auto* qb = static_cast<const std::byte*>(q.base(dt));
   const auto* kb = static_cast<const std::byte*>(k.base(dt));
   const auto* vb = static_cast<const std::byte*>(v.base(dt));
-  std::int64_t at = 0;
-  for (std::int64_t n : cuts_or_whole(o.q_cuts, s.Sq)) {
+  const std::int64_t rb = o.row_begin, re = o.row_end < 0 ? s.Sq : o.row_end;
+  std::int64_t at = rb;
+  for (std::int64_t n : cuts_or_whole(o.q_cuts, re - rb)) {
     qs.push_back({qb + (at * q.ts + h0 * q.hs) * es, n, q.ts, q.hs});
     os.push_back({out.data() + ((at * s.Hq + h0) * s.D) * es, s.Hq * s.D, s.D,
                   lse.data() + at * s.Hq + h0, s.Hq});
@@ -114,10 +127,13 @@ Result run(const AttentionKernel& kernel, const Inputs& in, const RunOptions& o)
   p.k = ks;
   p.v = vs;
   p.out = os;
+  p.q_first = rb;
   p.q_total = s.Sq;
   p.kv_total = s.Skv;
   p.scale = s.scale();
   p.causal = s.causal;
+  p.window_left = s.wl;
+  p.window_right = s.wr;
   p.threads = o.threads;
   const std::size_t bytes = (kernel.scratch_bytes(p) + 63) / 64 * 64 + 64;
   std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
@@ -150,15 +166,15 @@ void plain(const Inputs& in, std::vector<float>& out, std::vector<float>& lse) {
   std::vector<float> sc(static_cast<std::size_t>(s.Skv)), acc(static_cast<std::size_t>(D));
   for (std::int64_t h = 0; h < s.Hq; ++h)
     for (std::int64_t i = 0; i < s.Sq; ++i) {
-      const std::int64_t last = last_visible_key(i, s.Sq, s.Skv, s.causal);
+      const std::int64_t first = s.first_key(i), last = s.last_key(i);
       float* o = &out[static_cast<std::size_t>((i * s.Hq + h) * D)];
-      if (last < 0) {
+      if (first > last) {
         lse[static_cast<std::size_t>(i * s.Hq + h)] = -std::numeric_limits<float>::infinity();
         continue;
       }
       const float* q = &in.q.f[static_cast<std::size_t>((i * s.Hq + h) * D)];
       float m = -std::numeric_limits<float>::infinity();
-      for (std::int64_t j = 0; j <= last; ++j) {
+      for (std::int64_t j = first; j <= last; ++j) {
         const float* k = &in.k.f[static_cast<std::size_t>((j * s.Hkv + h / group) * D)];
         float d = 0;
         for (std::int64_t e = 0; e < D; ++e) d += q[e] * k[e];
@@ -168,7 +184,7 @@ void plain(const Inputs& in, std::vector<float>& out, std::vector<float>& lse) {
       }
       float l = 0;
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (std::int64_t j = 0; j <= last; ++j) {
+      for (std::int64_t j = first; j <= last; ++j) {
         const float e = std::exp(sc[j] - m);
         l += e;
         const float p = bf ? round_bf16(e) : e;
@@ -191,7 +207,7 @@ Reference reference(const Inputs& in) {
   r.out.resize(static_cast<std::size_t>(std::max<std::int64_t>(1, s.Sq * s.Hq * s.D)));
   r.lse.resize(static_cast<std::size_t>(std::max<std::int64_t>(1, s.Sq * s.Hq)));
   reference_attention(in.q.f.data(), in.k.f.data(), in.v.f.data(), s.Sq, s.Skv, s.Hq, s.Hkv, s.D,
-                      s.scale(), s.causal, r.out.data(), r.lse.data());
+                      s.scale(), s.causal, r.out.data(), r.lse.data(), s.wl, s.wr);
   plain(in, r.plain_out, r.plain_lse);
   return r;
 }
@@ -237,7 +253,7 @@ void expect_close(const AttentionKernel& k, const Inputs& in, const Reference& r
   EXPECT_LE(e_lse, tol_lse) << what << " (plain " << e_plain_lse << ")";
   // Rows without a visible key are exactly zero.
   for (std::int64_t i = 0; i < s.Sq; ++i)
-    if (last_visible_key(i, s.Sq, s.Skv, s.causal) < 0)
+    if (s.sees_none(i))
       for (std::int64_t j = 0; j < s.Hq * s.D; ++j)
         if (r.out[static_cast<std::size_t>(i * s.Hq * s.D + j)] != 0.0f) {
           ADD_FAILURE() << what << ": row " << i << " has no key but a nonzero output";
@@ -291,6 +307,41 @@ TEST(FlashKernel, SelectedKernelHonoursIsaCap) {
     EXPECT_NE(std::string(select_kernel().name()).find("flash_"), std::string::npos);
 }
 
+// first_visible_key / last_visible_key against the definition in KernelProblem, key by key; huge
+// windows do not overflow; the old 4-argument last_visible_key is the causal / full mask.
+TEST(FlashKernel, VisibleKeysFollowTheDefinition) {
+  const std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{9, 9}, {4, 11}, {11, 4}, {5, 0}})
+    for (bool causal : {false, true})
+      for (std::int64_t wl : {std::int64_t{-1}, std::int64_t{0}, std::int64_t{2}, big})
+        for (std::int64_t wr : {std::int64_t{-1}, std::int64_t{0}, std::int64_t{3}, big})
+          for (std::int64_t i = 0; i < sq; ++i) {
+            const std::int64_t a = i + skv - sq;  // i'
+            std::int64_t first = skv, last = -1;
+            for (std::int64_t j = 0; j < skv; ++j) {
+              const bool visible = (wl < 0 || a - j <= wl) && (wr < 0 || j - a <= wr) && (!causal || j <= a);
+              if (visible) {
+                first = std::min(first, j);
+                last = std::max(last, j);
+              }
+            }
+            const std::int64_t f = first_visible_key(i, sq, skv, wl);
+            const std::int64_t l = last_visible_key(i, sq, skv, causal, wr);
+            const std::string what = "Sq=" + std::to_string(sq) + " Skv=" + std::to_string(skv) + " causal=" +
+                                     std::to_string(causal) + " wl=" + std::to_string(wl) + " wr=" +
+                                     std::to_string(wr) + " row " + std::to_string(i);
+            if (last < 0) {
+              EXPECT_GT(f, l) << what;
+            } else {
+              EXPECT_EQ(f, first) << what;
+              EXPECT_EQ(l, last) << what;
+            }
+            if (wr < 0) {
+              EXPECT_EQ(l, last_visible_key(i, sq, skv, causal)) << what;
+            }
+          }
+}
+
 TEST(FlashKernel, AwkwardLengthsSelfAttention) {
   std::vector<Shape> shapes;
   for (std::int64_t S : {1, 7, 63, 65, 127, 129, 1000})
@@ -327,13 +378,45 @@ TEST(FlashKernel, GentleAndSharpSoftmax) {
   check_against_reference({{200, 200, 1, 1, 64, false, 0.25f}, {200, 200, 1, 1, 64, true, 30.0f}});
 }
 
+// Sliding windows (kWindows, with and without causal) on self and cross attention, Sq < Skv and
+// Sq > Skv; the latter leaves leading rows that see no key (out 0, lse -inf).
+TEST(FlashKernel, SlidingWindow) {
+  std::vector<Shape> shapes;
+  for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{300, 300}, {130, 400}, {400, 130}})
+    for (const Mask& m : masks_with_windows())
+      if (m.window.left >= 0 || m.window.right >= 0)
+        shapes.push_back(Shape{sq, skv, 2, 1, 32, false, 4.0f}.with(m));
+  check_against_reference(shapes);
+}
+
+// The readable kernels (reference_f64, tiled_f32_portable; fp32 only) take the same windows:
+// against the float64 function, and a row range with segments gives the rows of the whole call.
+TEST(FlashKernel, ReferenceAndTiledKernelsSlidingWindow) {
+  for (const AttentionKernel* k : {&reference_kernel(), &tiled_f32_kernel()})
+    for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{200, 200}, {130, 260}, {260, 130}})
+      for (const Mask& m : masks_with_windows()) {
+        const Shape s = Shape{sq, skv, 2, 1, 32, false, 4.0f}.with(m);
+        const Inputs in = make_inputs(s, DType::f32);
+        const Result whole = run(*k, in, {});
+        expect_close(*k, in, reference(in), whole);
+        RunOptions o;
+        o.row_begin = 48;
+        o.q_cuts = {30, 0, sq - 78};
+        o.kv_cuts = {skv - 70, 70};
+        const Result part = run(*k, in, o);
+        const std::size_t row = static_cast<std::size_t>(s.Hq * s.D) * 4;
+        EXPECT_EQ(0, std::memcmp(whole.raw.data() + 48 * row, part.raw.data() + 48 * row, (sq - 48) * row))
+            << k->name() << " " << s.str();
+      }
+}
+
 // Random segmentations (with empty segments) of q and kv give bitwise the unsegmented result.
 TEST(FlashKernel, SegmentsBitwiseEqualToOneSegment) {
   test::Rng rng(11);
   for (const AttentionKernel* k : variants())
     for (DType dt : kDtypes)
-      for (bool causal : {false, true}) {
-        const Shape s{333, 301, 2, 1, 64, causal, 4.0f};
+      for (const Mask& m : masks_with_windows()) {
+        const Shape s = Shape{333, 301, 2, 1, 64, false, 4.0f}.with(m);
         const Inputs in = make_inputs(s, dt);
         const Result whole = run(*k, in, {});
         for (int trial = 0; trial < 3; ++trial) {
@@ -358,8 +441,8 @@ TEST(FlashKernel, SegmentsBitwiseEqualToOneSegment) {
 TEST(FlashKernel, ThreadCountsBitwiseEqual) {
   for (const AttentionKernel* k : variants())
     for (DType dt : kDtypes)
-      for (bool causal : {false, true}) {
-        const Shape s{400, 350, 3, 3, 64, causal, 4.0f};
+      for (const Mask& m : masks_with_windows()) {
+        const Shape s = Shape{400, 350, 3, 3, 64, false, 4.0f}.with(m);
         const Inputs in = make_inputs(s, dt);
         const Result one = run(*k, in, {{}, {}, 1, 0, -1, false});
         for (int t : {2, 3})
@@ -371,21 +454,101 @@ TEST(FlashKernel, ThreadCountsBitwiseEqual) {
 // Computing a subset of heads (a rank's share under Ulysses) gives the same bits for those heads.
 TEST(FlashKernel, HeadSplitBitwiseEqual) {
   for (const AttentionKernel* k : variants())
-    for (DType dt : kDtypes) {
-      const Shape s{150, 150, 6, 2, 64, true, 4.0f};
-      const Inputs in = make_inputs(s, dt);
-      const Result all = run(*k, in, {});
-      const std::size_t es = dt == DType::bf16 ? 2 : 4;
-      for (auto [h0, nh] : {std::pair<std::int64_t, std::int64_t>{0, 1}, {1, 3}, {4, 2}, {5, 1}}) {
-        const Result part = run(*k, in, {{}, {}, 1, h0, nh, false});
-        for (std::int64_t i = 0; i < s.Sq; ++i) {
-          const std::size_t off = static_cast<std::size_t>((i * s.Hq + h0) * s.D) * es;
-          ASSERT_EQ(0, std::memcmp(all.raw.data() + off, part.raw.data() + off, nh * s.D * es))
-              << k->name() << " " << dtype_name(dt) << " heads [" << h0 << ", " << h0 + nh << ") row " << i;
-          ASSERT_EQ(0, std::memcmp(&all.lse[i * s.Hq + h0], &part.lse[i * s.Hq + h0], nh * 4));
+    for (DType dt : kDtypes)
+      for (const Mask& m : masks_with_windows()) {
+        if (!m.causal && m.window.left < 0 && m.window.right < 0) continue;
+        const Shape s = Shape{150, 150, 6, 2, 64, true, 4.0f}.with(m);
+        const Inputs in = make_inputs(s, dt);
+        const Result all = run(*k, in, {});
+        const std::size_t es = dt == DType::bf16 ? 2 : 4;
+        for (auto [h0, nh] : {std::pair<std::int64_t, std::int64_t>{0, 1}, {1, 3}, {4, 2}, {5, 1}}) {
+          const Result part = run(*k, in, {{}, {}, 1, h0, nh, false});
+          for (std::int64_t i = 0; i < s.Sq; ++i) {
+            const std::size_t off = static_cast<std::size_t>((i * s.Hq + h0) * s.D) * es;
+            ASSERT_EQ(0, std::memcmp(all.raw.data() + off, part.raw.data() + off, nh * s.D * es))
+                << k->name() << " " << dtype_name(dt) << " " << s.str() << " heads [" << h0 << ", "
+                << h0 + nh << ") row " << i;
+            ASSERT_EQ(0, std::memcmp(&all.lse[i * s.Hq + h0], &part.lse[i * s.Hq + h0], nh * 4));
+          }
         }
       }
-    }
+}
+
+// Rows split at multiples of kQueryRowGranule (a plan's head split): each range, computed alone
+// (other threads, segments), gives the rows of the whole call bitwise. Self and cross lengths, every
+// mask; with Sq > Skv leading rows see no key.
+TEST(FlashKernel, RowSplitBitwiseEqual) {
+  for (const AttentionKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (auto [sq, skv] : {std::pair<std::int64_t, std::int64_t>{300, 300}, {250, 400}, {400, 250}})
+        for (const Mask& m : masks_with_windows()) {
+          const Shape s = Shape{sq, skv, 2, 1, 32, false, 4.0f}.with(m);
+          const Inputs in = make_inputs(s, dt);
+          const Result whole = run(*k, in, {});
+          const std::size_t es = dt == DType::bf16 ? 2 : 4, row = static_cast<std::size_t>(s.Hq * s.D) * es;
+          for (const std::vector<std::int64_t>& cuts : {std::vector<std::int64_t>{0, 48, sq},
+                                                        std::vector<std::int64_t>{0, 144, 240, sq}})
+            for (std::size_t piece = 0; piece + 1 < cuts.size(); ++piece) {
+              RunOptions o;
+              o.row_begin = cuts[piece];
+              o.row_end = cuts[piece + 1];
+              o.threads = 1 + static_cast<int>(piece % 2);
+              o.q_cuts = {std::min<std::int64_t>(37, o.row_end - o.row_begin), 0};
+              o.q_cuts.push_back(o.row_end - o.row_begin - o.q_cuts[0]);
+              const Result r = run(*k, in, o);
+              const std::size_t i0 = static_cast<std::size_t>(o.row_begin);
+              const std::size_t n = static_cast<std::size_t>(o.row_end - o.row_begin);
+              EXPECT_EQ(0, std::memcmp(whole.raw.data() + i0 * row, r.raw.data() + i0 * row, n * row))
+                  << k->name() << " " << dtype_name(dt) << " " << s.str() << " rows [" << cuts[piece] << ", "
+                  << cuts[piece + 1] << ")";
+              EXPECT_EQ(0, std::memcmp(whole.lse.data() + i0 * s.Hq, r.lse.data() + i0 * s.Hq, n * s.Hq * 4))
+                  << k->name() << " " << dtype_name(dt) << " " << s.str() << " lse";
+            }
+        }
+}
+
+// A NaN or Inf in K or V at a key a row cannot see (outside its window, or past its causal
+// horizon) never reaches the row: such rows keep the bits of a run on clean data, whatever other
+// rows of their query tile see; rows that see a poisoned key come out non-finite (as in the
+// reference).
+TEST(FlashKernel, WindowMasksNonFiniteKeys) {
+  const std::int64_t bad_k = 100, bad_v = 140;  // in key tiles 1 and 2
+  for (const AttentionKernel* k : variants())
+    for (DType dt : kDtypes)
+      for (const Mask& m : masks_with_windows()) {
+        if (m.window.left < 0 && m.window.right < 0) continue;
+        const Shape s = Shape{230, 200, 1, 1, 32, false, 4.0f}.with(m);
+        const Inputs clean = make_inputs(s, dt);
+        Inputs bad = clean;
+        for (std::int64_t d = 0; d < s.D; ++d) {
+          bad.k.f[bad_k * s.D + d] = std::nanf("");
+          const float inf = std::numeric_limits<float>::infinity();
+          bad.v.f[bad_v * s.D + d] = d % 2 ? inf : -inf;
+          if (dt == DType::bf16) {
+            bad.k.b[bad_k * s.D + d] = 0x7fc0;
+            bad.v.b[bad_v * s.D + d] = d % 2 ? 0x7f80 : 0xff80;
+          }
+        }
+        for (int threads : {1, 2}) {
+          const Result a = run(*k, clean, {{}, {}, threads, 0, -1, false});
+          const Result b = run(*k, bad, {{}, {}, threads, 0, -1, false});
+          const std::size_t es = dt == DType::bf16 ? 2 : 4, row = static_cast<std::size_t>(s.D) * es;
+          for (std::int64_t i = 0; i < s.Sq; ++i) {
+            const bool sees = (s.first_key(i) <= bad_k && bad_k <= s.last_key(i)) ||
+                              (s.first_key(i) <= bad_v && bad_v <= s.last_key(i));
+            const std::string what = std::string(k->name()) + " " + dtype_name(dt) + " " + s.str() + " row " +
+                                     std::to_string(i);
+            if (sees) {
+              bool finite = true;
+              for (std::int64_t d = 0; d < s.D; ++d) finite &= std::isfinite(b.out[i * s.D + d]);
+              EXPECT_FALSE(finite) << what << " sees a poisoned key";
+            } else {
+              ASSERT_EQ(0, std::memcmp(a.raw.data() + i * row, b.raw.data() + i * row, row)) << what;
+              ASSERT_EQ(0, std::memcmp(&a.lse[i], &b.lse[i], 4)) << what;
+            }
+          }
+        }
+      }
 }
 
 // Head-major storage with padded rows (NaN padding) reads and writes the same values.

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/test_data.h"
@@ -61,6 +62,32 @@ inline Stored store(const Tensor3& t, DType dt, bool head_major) {
           s.f[dst] = t.f[src];
       }
   return s;
+}
+
+// Sliding windows (left, right; -1 unbounded) the tests run, each with and without causal: one key,
+// one key back, small and asymmetric, about a key tile each side, left only, right only, and wider
+// than the shorter test sequences.
+struct Window {
+  std::int64_t left, right;
+};
+inline constexpr Window kWindows[] = {{0, 0}, {1, 0}, {5, 3}, {63, 64}, {100, -1}, {-1, 7}, {200, 200}};
+
+// A mask: causal or not, with a window (or none: {-1, -1}).
+struct Mask {
+  bool causal;
+  Window window{-1, -1};
+};
+// Every window with and without causal, after the two plain masks (none, causal).
+inline std::vector<Mask> masks_with_windows() {
+  std::vector<Mask> m{{false}, {true}};
+  for (bool causal : {false, true})
+    for (Window w : kWindows) m.push_back({causal, w});
+  return m;
+}
+
+inline std::string window_str(std::int64_t left, std::int64_t right) {
+  if (left < 0 && right < 0) return "";
+  return " window=(" + std::to_string(left) + "," + std::to_string(right) + ")";
 }
 
 inline std::vector<std::int64_t> cuts_or_whole(const std::vector<std::int64_t>& cuts, std::int64_t total) {

@@ -21,19 +21,34 @@ namespace {
 struct Shape {
   std::int64_t Sq, Skv, Hq, Hkv, D;
   bool causal;
+  std::int64_t wl = -1, wr = -1;  // sliding window, -1 unbounded
   std::string str() const {
     return "Sq=" + std::to_string(Sq) + " Skv=" + std::to_string(Skv) + " Hq=" + std::to_string(Hq) +
-           " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + (causal ? " causal" : "");
+           " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + (causal ? " causal" : "") +
+           (wl >= 0 || wr >= 0 ? " window=(" + std::to_string(wl) + "," + std::to_string(wr) + ")" : "");
   }
   float scale() const { return 1.5f / std::sqrt(static_cast<float>(D)); }
+  // Key j visible to row i (own code, from the definition in kernel.h): i' = i + Skv - Sq.
+  bool visible(std::int64_t i, std::int64_t j) const {
+    const std::int64_t a = i + Skv - Sq;
+    return (!causal || j <= a) && (wl < 0 || j >= a - wl) && (wr < 0 || j <= a + wr);
+  }
+  bool sees_any(std::int64_t i) const {
+    for (std::int64_t j = 0; j < Skv; ++j)
+      if (visible(i, j)) return true;
+    return false;
+  }
 };
 
 // The shapes: causal and not, GQA 4/2, MQA 3/1, plain MHA, Sq < Skv, Sq > Skv (causal: leading rows
-// that see no key), single key / single row, D from 3 to 8.
+// that see no key), single key / single row, D from 3 to 8; sliding windows (a single key, left or
+// right only, with and without causal, rows that see no key).
 const Shape kShapes[] = {
     {5, 5, 2, 2, 4, false}, {5, 5, 2, 2, 4, true},  {4, 7, 4, 2, 5, false}, {4, 7, 4, 2, 5, true},
     {7, 4, 4, 2, 3, true},  {7, 4, 4, 2, 6, false}, {6, 3, 3, 1, 8, true},  {3, 6, 3, 1, 7, false},
     {5, 5, 3, 1, 3, true},  {1, 4, 4, 2, 4, true},  {4, 1, 3, 1, 5, true},  {6, 6, 4, 2, 8, true},
+    {6, 6, 2, 1, 4, false, 1, 2}, {6, 6, 2, 1, 4, true, 2, -1}, {4, 7, 2, 2, 5, false, -1, 1},
+    {7, 4, 2, 1, 3, false, 0, 0}, {7, 4, 2, 1, 3, true, 1, 5},  {5, 8, 2, 1, 4, false, 2, 2},
 };
 
 struct Data {
@@ -57,23 +72,24 @@ void forward64(const Shape& s, const std::vector<double>& q, const std::vector<d
   lse.assign(static_cast<std::size_t>(s.Sq * s.Hq), -std::numeric_limits<double>::infinity());
   std::vector<double> sc(static_cast<std::size_t>(s.Skv));
   for (std::int64_t i = 0; i < s.Sq; ++i) {
-    // key j visible iff j <= i + Skv - Sq
-    const std::int64_t n = s.causal ? std::min(s.Skv, std::max<std::int64_t>(0, i + s.Skv - s.Sq + 1)) : s.Skv;
-    if (n == 0) continue;
+    if (!s.sees_any(i)) continue;
     for (std::int64_t h = 0; h < s.Hq; ++h) {
       const std::int64_t kh = h / g;
       double m = -std::numeric_limits<double>::infinity();
-      for (std::int64_t j = 0; j < n; ++j) {
+      for (std::int64_t j = 0; j < s.Skv; ++j) {
+        if (!s.visible(i, j)) continue;
         double dot = 0;
         for (std::int64_t d = 0; d < s.D; ++d) dot += q[(i * s.Hq + h) * s.D + d] * k[(j * s.Hkv + kh) * s.D + d];
         sc[j] = dot * scale;
         m = std::max(m, sc[j]);
       }
       double l = 0;
-      for (std::int64_t j = 0; j < n; ++j) l += std::exp(sc[j] - m);
+      for (std::int64_t j = 0; j < s.Skv; ++j)
+        if (s.visible(i, j)) l += std::exp(sc[j] - m);
       const double ls = m + std::log(l);
       lse[i * s.Hq + h] = ls;
-      for (std::int64_t j = 0; j < n; ++j) {
+      for (std::int64_t j = 0; j < s.Skv; ++j) {
+        if (!s.visible(i, j)) continue;
         const double p = std::exp(sc[j] - ls);
         for (std::int64_t d = 0; d < s.D; ++d) out[(i * s.Hq + h) * s.D + d] += p * v[(j * s.Hkv + kh) * s.D + d];
       }
@@ -118,7 +134,8 @@ TEST(ReferenceBackward, MatchesFiniteDifferences) {
     const Data in = make_data(s, 11);
     std::vector<double> dq(in.q.size()), dk(in.k.size()), dv(in.v.size());
     reference_attention_backward(in.q.data(), in.k.data(), in.v.data(), in.dout.data(), s.Sq, s.Skv,
-                                 s.Hq, s.Hkv, s.D, s.scale(), s.causal, dq.data(), dk.data(), dv.data());
+                                 s.Hq, s.Hkv, s.D, s.scale(), s.causal, dq.data(), dk.data(), dv.data(),
+                                 s.wl, s.wr);
     std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v);
     const std::vector<double> dout = to_double(in.dout);
     for (double g : dq) ASSERT_TRUE(std::isfinite(g));
@@ -127,7 +144,7 @@ TEST(ReferenceBackward, MatchesFiniteDifferences) {
     EXPECT_LT(fd_error(s, v, dv, q, k, v, dout), 1e-6) << "dv";
     // Rows that see no key: exactly zero dq.
     for (std::int64_t i = 0; i < s.Sq; ++i) {
-      if (last_visible_key(i, s.Sq, s.Skv, s.causal) >= 0) continue;
+      if (s.sees_any(i)) continue;
       for (std::int64_t e = 0; e < s.Hq * s.D; ++e) EXPECT_EQ(dq[i * s.Hq * s.D + e], 0.0) << "row " << i;
     }
   }
@@ -156,7 +173,7 @@ TEST(ReferenceBackward, ForwardPartMatchesReferenceAttention) {
     const Data in = make_data(s, 23);
     std::vector<double> out(in.q.size()), lse(static_cast<std::size_t>(s.Sq * s.Hq));
     reference_attention(in.q.data(), in.k.data(), in.v.data(), s.Sq, s.Skv, s.Hq, s.Hkv, s.D, s.scale(),
-                        s.causal, out.data(), lse.data());
+                        s.causal, out.data(), lse.data(), s.wl, s.wr);
     // The test's own forward is the same function (so the FD check differentiates the forward the
     // library computes).
     std::vector<double> out64, lse64;
@@ -180,13 +197,13 @@ TEST(ReferenceBackward, ForwardPartMatchesReferenceAttention) {
         onehot[(i * s.Hq + h) * s.D] = 1.0f;
         reference_attention_backward(in.q.data(), in.k.data(), in.v.data(), onehot.data(), s.Sq, s.Skv,
                                      s.Hq, s.Hkv, s.D, s.scale(), s.causal, dq.data(), dk.data(),
-                                     dv.data());
+                                     dv.data(), s.wl, s.wr);
         const std::int64_t kh = h / g;
         double psum = 0;
         for (std::int64_t j = 0; j < s.Skv; ++j) {
           const double p = dv[(j * s.Hkv + kh) * s.D];
           psum += p;
-          if (j > last_visible_key(i, s.Sq, s.Skv, s.causal)) {
+          if (!s.visible(i, j)) {
             EXPECT_EQ(p, 0.0) << "invisible key " << j << " row " << i;
             continue;
           }
@@ -195,7 +212,7 @@ TEST(ReferenceBackward, ForwardPartMatchesReferenceAttention) {
             dot += static_cast<double>(in.q[(i * s.Hq + h) * s.D + d]) * in.k[(j * s.Hkv + kh) * s.D + d];
           EXPECT_NEAR(p, std::exp(dot * s.scale() - lse[i * s.Hq + h]), 1e-13) << "row " << i << " key " << j;
         }
-        if (last_visible_key(i, s.Sq, s.Skv, s.causal) < 0) {
+        if (!s.sees_any(i)) {
           EXPECT_EQ(psum, 0.0);
           continue;
         }

@@ -214,4 +214,131 @@ TEST(VisibleKeyPairs, ExactPast64Bits) {
   EXPECT_TRUE(visible_key_pairs(big - 10, 10, big, 10, true) == 55);
 }
 
+// ---- windows and documents ----------------------------------------------------------------------
+
+// Brute force with a window (plan.h: -1 is no bound; causal caps the right side at 0).
+std::int64_t keys_seen(std::int64_t i, std::int64_t q_total, std::int64_t kv_total, bool causal,
+                       std::int64_t left, std::int64_t right) {
+  std::int64_t n = 0;
+  const std::int64_t at = i + kv_total - q_total;
+  for (std::int64_t j = 0; j < kv_total; ++j) {
+    const bool after = left >= 0 && j < at - left;
+    const bool before = (causal && j > at) || (right >= 0 && j > at + right);
+    n += !after && !before;
+  }
+  return n;
+}
+
+TEST(VisibleKeyPairs, WindowsMatchCountingRowByRow) {
+  const std::int64_t sides[] = {-1, 0, 1, 3, 47, 200};
+  for (bool causal : {false, true})
+    for (std::int64_t sq : {0, 1, 7, 50, 97})
+      for (std::int64_t skv : {0, 1, 9, 64, 130})
+        for (std::int64_t left : sides)
+          for (std::int64_t right : sides)
+            for (std::int64_t first : {std::int64_t{0}, sq / 3, sq / 2})
+              for (std::int64_t n : {std::int64_t{0}, std::int64_t{1}, sq - first}) {
+                if (n < 0 || first + n > sq) continue;
+                std::int64_t want = 0;
+                for (std::int64_t i = first; i < first + n; ++i)
+                  want += keys_seen(i, sq, skv, causal, left, right);
+                const auto got = visible_key_pairs(first, n, sq, skv, causal, left, right);
+                EXPECT_TRUE(got == want) << "causal " << causal << " q " << sq << " kv " << skv
+                                         << " window (" << left << ", " << right << ") rows ["
+                                         << first << ", " << first + n << "): "
+                                         << static_cast<long long>(got) << " vs " << want;
+              }
+}
+
+// Brute-force work of rows [0, n) with documents: each row sees keys of its own document only.
+std::int64_t doc_prefix(const WorkInput& in, std::int64_t n) {
+  std::int64_t w = 0;
+  for (std::size_t d = 0; d + 1 < in.q_doc_start.size(); ++d) {
+    const std::int64_t qs = in.q_doc_start[d], nq = in.q_doc_start[d + 1] - qs;
+    const std::int64_t nk = in.kv_doc_start[d + 1] - in.kv_doc_start[d];
+    for (std::int64_t i = qs; i < std::min(n, qs + nq); ++i)
+      w += 1 + keys_seen(i - qs, nq, nk, in.causal, in.window_left, in.window_right);
+  }
+  return w;
+}
+
+std::vector<std::int64_t> starts_of(const std::vector<std::int64_t>& lens) {
+  std::vector<std::int64_t> s(lens.size() + 1, 0);
+  for (std::size_t i = 0; i < lens.size(); ++i) s[i + 1] = s[i] + lens[i];
+  return s;
+}
+
+TEST(RowWork, DocumentsPrefixAndCutsMatchBruteForce) {
+  const std::vector<std::vector<std::int64_t>> docs = {
+      {100}, {0, 5, 0, 130, 1, 49}, {48, 48, 1}, {3, 300, 7}, {1, 1, 1, 1}};
+  for (const auto& q : docs)
+    for (bool cross : {false, true})
+      for (bool causal : {false, true})
+        for (std::int64_t left : {-1, 10}) {
+          WorkInput in;
+          in.q_doc_start = starts_of(q);
+          std::vector<std::int64_t> kv = q;
+          if (cross) std::reverse(kv.begin(), kv.end());
+          in.kv_doc_start = starts_of(kv);
+          in.q_total = in.q_doc_start.back();
+          in.kv_total = in.kv_doc_start.back();
+          in.causal = causal;
+          in.window_left = left;
+          const uaa::detail::RowWork rw(in);
+          // The allowed cuts: document starts and multiples of 48 rows from one.
+          std::set<std::int64_t> allowed;
+          for (std::size_t d = 0; d + 1 < in.q_doc_start.size(); ++d)
+            for (std::int64_t r = in.q_doc_start[d]; r <= in.q_doc_start[d + 1]; r += kGranule)
+              allowed.insert(r);
+          for (std::int64_t s : in.q_doc_start) allowed.insert(s);
+          for (std::int64_t n = 0; n <= in.q_total; ++n)
+            ASSERT_TRUE(rw.prefix(n) == doc_prefix(in, n)) << "n " << n;
+          const std::int64_t total = doc_prefix(in, in.q_total);
+          for (std::int64_t target = 0; target <= total; target += std::max<std::int64_t>(1, total / 37)) {
+            const std::int64_t c = rw.cut(target, 0, in.q_total);
+            EXPECT_TRUE(allowed.count(c)) << "cut " << c << " is no document start or granule";
+            EXPECT_GE(doc_prefix(in, c), target);
+            // No allowed cut before it reaches the target.
+            for (std::int64_t a : allowed)
+              if (a < c) {
+                EXPECT_LT(doc_prefix(in, a), target) << "cut " << c << " but " << a;
+              }
+          }
+        }
+}
+
+// A rank holding one long causal document and ranks holding many short ones do equal work, and
+// every cut inside a head is a document start or a granule from one.
+TEST(SplitWork, DocumentsBalanceVisiblePairs) {
+  std::vector<std::int64_t> q = {4000};
+  for (int i = 0; i < 60; ++i) q.push_back(17 + 13 * i % 97);
+  WorkInput in;
+  in.q_doc_start = starts_of(q);
+  in.kv_doc_start = in.q_doc_start;
+  in.q_total = in.kv_total = in.q_doc_start.back();
+  in.causal = true;
+  in.q_heads = 8;
+  in.kv_heads = 2;
+  for (int P : {2, 3, 4, 8, 13}) {
+    in.ranks = P;
+    const std::vector<RankWork> work = split_work(in);
+    double sum = 0, most = 0;
+    for (const RankWork& w : work) {
+      std::int64_t x = 0;
+      for (int i = 0; i < w.pieces; ++i) {
+        const auto& p = w.piece[i];
+        x += (doc_prefix(in, p.rows.end) - doc_prefix(in, p.rows.begin)) * p.heads.size();
+        for (std::int64_t cut : {p.rows.begin, p.rows.end}) {
+          const auto d = std::upper_bound(in.q_doc_start.begin(), in.q_doc_start.end(), cut) - 1;
+          EXPECT_TRUE(cut == in.q_total || (cut - *d) % kGranule == 0)
+              << "P " << P << " cut " << cut << " inside document at " << *d;
+        }
+      }
+      sum += x;
+      most = std::max(most, static_cast<double>(x));
+    }
+    EXPECT_LT(most / (sum / P), 1.02) << "P " << P;
+  }
+}
+
 }  // namespace

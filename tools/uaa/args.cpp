@@ -3,6 +3,7 @@
 #include <charconv>
 #include <limits>
 #include <set>
+#include <tuple>
 
 #include "text.h"
 
@@ -29,14 +30,31 @@ Shape:
   --kv-heads H         key/value heads, dividing --heads (default: --heads)
   --head-dim D         head dimension (default 128)
   --dtype f32|bf16     element type (default f32; bf16 rounds the f32 data to nearest even)
-  --causal             causal mask (bottom-right aligned when query and key counts differ)
+  --causal             causal mask (bottom-right aligned when query and key counts differ;
+                       per document with --docs)
+  --window L,R         sliding window (integers >= -1; -1: no bound on that side): query i sees
+                       key j iff i' - L <= j <= i' + R, where i' = i + kv_len - q_len is the
+                       query's position aligned to the bottom right of its document; --causal caps
+                       R at 0. "-1,-1" is no window
   --strategy NAME      uaa (default), ulysses, ulysses_pad or allgather_kv (see uaa/plan.h)
+Documents and batches (need --strategy uaa):
+  --docs a,b,...       packed documents: the global query lengths of the documents, in order,
+                       summing to the query total (0 allowed). The sequence is cut over the ranks
+                       by --lens/--seq as without documents (a document may span ranks); attention
+                       never crosses documents, and --causal/--window apply within each one
+  --kv-docs a,b,...    key/value lengths of the same documents (cross attention; needs --docs,
+                       as many values, summing to the key/value total; default: --docs)
+  --batch B            B sequences per call, each cut over the ranks by the same lengths (each
+                       rank holds [B][S_local][H][D]); --docs apply to every sequence (default 1,
+                       or the leading dimension of 4-d --load files)
 Run:
   --iters N            timed forward() calls (default 1; with N > 1 one untimed warm-up call first;
                        with --backward each is followed by a timed backward() call)
   --seed S             data seed (default 1)
-  --check              compare with a single-rank run (bitwise) and a float64 reference (rank 0);
-                       exit status 1 if the outputs are not bitwise equal, if an output value is
+  --check              compare with a single-rank run of the same plan (documents, batch,
+                       window; bitwise) and a float64 reference (rank 0; per sequence and
+                       document, with the window); exit status 1 if the outputs are not
+                       bitwise equal, if an output value is
                        NaN/Inf where the reference is finite, or if the inputs hold NaN/Inf
                        (with --backward: the same for each of dq, dk and dv, and for dO).
                        The other ranks wait under the deadline: rank 0 works in slices of about
@@ -55,10 +73,13 @@ Run:
                        split) or by_rank (a head shared by two ranks is summed per rank and added
                        in rank order: no carry message; see PlanOptions::backward_order)
   --load DIR           read DIR/q.npy [Sq,Hq,D], DIR/k.npy and DIR/v.npy [Skv,Hkv,D] (float32);
-                       with --backward also DIR/dout.npy [Sq,Hq,D] (required then)
+                       with --backward also DIR/dout.npy [Sq,Hq,D] (required then). With a
+                       batch every file has a leading B: [B,Sq,Hq,D], [B,Skv,Hkv,D] (4-d files
+                       without --batch set it to their B)
   --save DIR           write DIR/q.npy, k.npy, v.npy (the inputs the kernel saw, as float32: bf16
                        values rounded) and DIR/out.npy, on rank 0; with --backward also
-                       DIR/dout.npy (the dO used) and DIR/dq.npy, dk.npy, dv.npy. All files or
+                       DIR/dout.npy (the dO used) and DIR/dq.npy, dk.npy, dv.npy; with
+                       --batch B > 1 every file has a leading B ([B,S,H,D]). All files or
                        none: each is written to a temporary name and renamed only when all are
                        complete; DIR is checked (created, writable) before the run. When DIR is
                        the --load directory only the outputs (out.npy, and dq/dk/dv.npy) are
@@ -127,6 +148,22 @@ std::vector<std::int64_t> parse_int_list(const std::string& option, const std::s
   return out;
 }
 
+std::pair<std::int64_t, std::int64_t> parse_window(const std::string& option, const std::string& text) {
+  const std::size_t comma = text.find(',');
+  if (comma == std::string::npos || text.find(',', comma + 1) != std::string::npos)
+    throw ArgError(option + ": '" + text + "' is not L,R (two integers >= -1; -1: no bound)");
+  const std::string left = text.substr(0, comma), right = text.substr(comma + 1);
+  if (left.empty() || right.empty()) throw ArgError(option + ": empty entry in '" + text + "'");
+  auto side = [&](const std::string& item, const char* which) {
+    try {
+      return parse_int(option, item, -1, kMax);
+    } catch (const ArgError& e) {
+      throw ArgError(cat(e.what(), " (the ", which, " side of '", text, "'; -1 means no bound)"));
+    }
+  };
+  return {side(left, "left"), side(right, "right")};
+}
+
 std::vector<std::int64_t> even_split(std::int64_t total, int ranks) {
   std::vector<std::int64_t> lens(static_cast<std::size_t>(ranks), total / ranks);
   for (std::int64_t r = 0; r < total % ranks; ++r) ++lens[static_cast<std::size_t>(r)];
@@ -156,6 +193,11 @@ std::vector<OptionValue> canonical_options(const RunOptions& o) {
   valued("--head-dim", o.head_dim.has_value(), o.head_dim ? std::to_string(*o.head_dim) : "");
   valued("--dtype", true, dtype_name(o.dtype));
   flag("--causal", o.causal);
+  valued("--window", o.window_given,
+         std::to_string(o.window_left) + "," + std::to_string(o.window_right));
+  valued("--docs", o.docs.has_value(), o.docs ? list(*o.docs) : "");
+  valued("--kv-docs", o.kv_docs.has_value(), o.kv_docs ? list(*o.kv_docs) : "");
+  valued("--batch", o.batch.has_value(), o.batch ? std::to_string(*o.batch) : "");
   valued("--strategy", true, strategy_name(o.strategy));
   valued("--iters", true, std::to_string(o.iters));
   valued("--seed", true, std::to_string(o.seed));
@@ -213,7 +255,7 @@ RunOptions parse_run_args(std::span<const char* const> args) {
     static const std::set<std::string> valued = {
         "--lens",  "--seq",   "--kv-lens", "--kv-seq", "--heads",    "--kv-heads",     "--head-dim",
         "--dtype", "--iters", "--seed",    "--load",   "--save",     "--strategy", "--backward-mode",
-        "--backward-order"};
+        "--backward-order", "--docs", "--kv-docs", "--batch", "--window"};
     if (flags.count(name)) {
       if (inline_value) throw ArgError(name + " takes no value");
     } else if (valued.count(name)) {
@@ -232,7 +274,13 @@ RunOptions parse_run_args(std::span<const char* const> args) {
     else if (name == "--json") o.json = true;
     else if (name == "--lens") o.lens = parse_int_list(name, value);
     else if (name == "--kv-lens") o.kv_lens = parse_int_list(name, value);
-    else if (name == "--seq") o.seq = parse_int(name, value, 0, kMax);
+    else if (name == "--docs") o.docs = parse_int_list(name, value);
+    else if (name == "--kv-docs") o.kv_docs = parse_int_list(name, value);
+    else if (name == "--batch") o.batch = parse_int(name, value, 1, 2147483647);
+    else if (name == "--window") {
+      std::tie(o.window_left, o.window_right) = parse_window(name, value);
+      o.window_given = true;
+    } else if (name == "--seq") o.seq = parse_int(name, value, 0, kMax);
     else if (name == "--kv-seq") o.kv_seq = parse_int(name, value, 0, kMax);
     else if (name == "--heads") o.heads = parse_int(name, value, 1, kMax);
     else if (name == "--kv-heads") o.kv_heads = parse_int(name, value, 1, kMax);
@@ -274,6 +322,10 @@ RunOptions parse_run_args(std::span<const char* const> args) {
     throw ArgError("--backward-mode needs --backward");
   if (seen.count("--backward-order") && !o.backward)
     throw ArgError("--backward-order needs --backward");
+  if (o.kv_docs && !o.docs) throw ArgError("--kv-docs needs --docs (the query documents)");
+  if (o.kv_docs && o.kv_docs->size() != o.docs->size())
+    throw ArgError(cat("--kv-docs has ", o.kv_docs->size(), " value(s) but --docs has ",
+                       o.docs->size(), " (one key/value length per document)"));
   if (o.backward && o.strategy != Strategy::uaa)
     throw ArgError(std::string("--backward needs --strategy uaa (backward() runs the uaa strategy "
                                "only; --strategy is ") + strategy_name(o.strategy) + ")");

@@ -8,6 +8,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "uaa/plan.h"
@@ -27,6 +28,12 @@ struct RunOptions {
   std::optional<std::int64_t> heads, kv_heads, head_dim;   // unset: default or from --load
   DType dtype = DType::f32;
   bool causal = false;
+  // --docs / --kv-docs: packed documents (global lengths, in order; uaa::Documents). kv_docs needs
+  // docs; unset kv_docs: the key/value documents are the query documents.
+  std::optional<std::vector<std::int64_t>> docs, kv_docs;
+  std::optional<std::int64_t> batch;            // --batch B (unset: 1, or from --load)
+  std::int64_t window_left = -1, window_right = -1;  // --window L,R (-1: no bound)
+  bool window_given = false;
   Strategy strategy = Strategy::uaa;
   std::int64_t iters = 1;
   std::uint64_t seed = 1;
@@ -65,6 +72,8 @@ const char* run_usage();
 std::int64_t parse_int(const std::string& option, const std::string& text, std::int64_t lo,
                        std::int64_t hi);
 std::vector<std::int64_t> parse_int_list(const std::string& option, const std::string& text);
+// "L,R": exactly two integers, each >= -1 (--window).
+std::pair<std::int64_t, std::int64_t> parse_window(const std::string& option, const std::string& text);
 
 // `total` tokens over `ranks` ranks as evenly as possible: the first total % ranks get one more.
 std::vector<std::int64_t> even_split(std::int64_t total, int ranks);

@@ -4,6 +4,10 @@
 // --backward follows each forward() with a backward() (saved or recompute mode) on a dO from the
 // seed or DIR/dout.npy, reports its phases and bytes, and with --check compares dq/dk/dv the same
 // way (a single-rank forward+backward, the float64 reference backward per kv head).
+// --docs/--kv-docs (packed documents), --batch (B sequences per call, [B][S_local][H][D] on every
+// rank, [B][S][H][D] files) and --window go into the plan; --check's single-rank run uses the same
+// plan, and its float64 reference runs per sequence and per document with the window
+// (data.h, reference_window).
 //
 // Failure handling (docs/FAILURE_MODEL.md, section 9):
 //  - Every rank parses its own argv; the ranks then agree on a digest of the options (control.h),
@@ -80,19 +84,20 @@ std::int64_t sum_of(const std::vector<std::int64_t>& v, const char* what) {
   return s;
 }
 
-// [tokens][heads][dim] host tensor of f32 or bf16 elements.
+// [batch][tokens][heads][dim] host tensor of f32 or bf16 elements (batch 1: [tokens][heads][dim]).
+// Its views are contiguous: sequence b at b * tokens rows (the library's default batch stride).
 struct HostTensor {
   DType dtype = DType::f32;
-  std::int64_t tokens = 0, heads = 0, dim = 0;
+  std::int64_t batch = 1, tokens = 0, heads = 0, dim = 0;
   std::vector<float> storage;  // float-aligned bytes
 
   HostTensor() = default;
-  HostTensor(DType dt, std::int64_t t, std::int64_t h, std::int64_t d)
-      : dtype(dt), tokens(t), heads(h), dim(d) {
+  HostTensor(DType dt, std::int64_t t, std::int64_t h, std::int64_t d, std::int64_t b = 1)
+      : dtype(dt), batch(b), tokens(t), heads(h), dim(d) {
     storage.resize(static_cast<std::size_t>((bytes() + 3) / 4));
   }
   std::int64_t row_elements() const { return heads * dim; }
-  std::int64_t elements() const { return tokens * heads * dim; }
+  std::int64_t elements() const { return batch * tokens * heads * dim; }
   std::int64_t bytes() const { return elements() * static_cast<std::int64_t>(dtype_size(dtype)); }
   std::int64_t row_bytes() const { return row_elements() * static_cast<std::int64_t>(dtype_size(dtype)); }
   void* data() { return storage.data(); }
@@ -106,10 +111,14 @@ struct HostTensor {
 struct Setup {
   std::int64_t heads = 0, kv_heads = 0, head_dim = 0;
   std::vector<std::int64_t> lens, kv_lens;
-  std::int64_t q_total = 0, kv_total = 0;
+  std::int64_t q_total = 0, kv_total = 0;  // of one sequence of the batch
+  std::int64_t batch = 1;                    // --batch (or the files' leading dimension)
+  Documents docs;                            // --docs/--kv-docs; empty: none
   bool from_files = false;
   std::string paths[4];  // by TensorId: q, k, v, and dout (--backward only)
   npy::Header headers[4];
+  // The files as [batch * tokens][heads][dim] (the same bytes; read_rows of row b * tokens + t).
+  npy::Header flat[4];
   // --save (decided on rank 0): the files written; only the outputs (out.npy, and with --backward
   // dq/dk/dv.npy) when --save is the --load dir.
   std::vector<std::string> save_names;
@@ -122,19 +131,41 @@ Setup resolve(const RunOptions& o, int ranks) {
   if (!o.load_dir.empty()) {
     s.from_files = true;
     const char* names[3] = {"q.npy", "k.npy", "v.npy"};
+    // [tokens, heads, head_dim], or [batch, tokens, heads, head_dim] (all files alike).
+    std::vector<std::int64_t> dims[3];
     for (int t = 0; t < 3; ++t) {
       s.paths[t] = (std::filesystem::path(o.load_dir) / names[t]).string();
       s.headers[t] = npy::read_header(s.paths[t]);
-      if (s.headers[t].shape.size() != 3)
-        throw ArgError(cat(s.paths[t], ": shape ", npy::shape_string(s.headers[t].shape),
-                           " is not [tokens, heads, head_dim]"));
+      const auto& sh = s.headers[t].shape;
+      if (sh.size() != 3 && sh.size() != 4)
+        throw ArgError(cat(s.paths[t], ": shape ", npy::shape_string(sh),
+                           " is not [tokens, heads, head_dim] or [batch, tokens, heads, head_dim]"));
+      if (sh.size() != s.headers[0].shape.size())
+        throw ArgError(cat(s.paths[t], ": shape ", npy::shape_string(sh), " has ", sh.size(),
+                           " dimensions but q.npy's ", npy::shape_string(s.headers[0].shape), " has ",
+                           s.headers[0].shape.size(), " (give every file a leading batch, or none)"));
+      if (sh.size() == 4 && sh[0] != s.headers[0].shape[0])
+        throw ArgError(cat(s.paths[t], ": batch ", sh[0], " (shape ", npy::shape_string(sh),
+                           ") differs from q.npy's ", s.headers[0].shape[0]));
+      dims[t].assign(sh.end() - 3, sh.end());
     }
-    const auto& q = s.headers[0].shape;
-    const auto& k = s.headers[1].shape;
-    const auto& v = s.headers[2].shape;
-    if (k != v)
-      throw ArgError(cat(s.paths[2], ": shape ", npy::shape_string(v), " differs from k.npy's ",
-                         npy::shape_string(k)));
+    const std::vector<std::int64_t>& q0 = s.headers[0].shape;
+    const std::int64_t file_batch = q0.size() == 4 ? q0[0] : 1;
+    if (q0.size() == 4 && file_batch < 1)
+      throw ArgError(cat(s.paths[0], ": shape ", npy::shape_string(q0), " holds a batch of 0 sequences"));
+    if (o.batch && *o.batch != file_batch) {
+      if (q0.size() == 3)
+        throw ArgError(cat("--batch ", *o.batch, " but ", s.paths[0], " has shape ", npy::shape_string(q0),
+                           " (a batch needs [batch, tokens, heads, head_dim] files)"));
+      throw ArgError(cat("--batch ", *o.batch, " but ", s.paths[0], " has shape ", npy::shape_string(q0),
+                         " (batch ", file_batch, ")"));
+    }
+    s.batch = file_batch;
+    const auto& q = dims[0];
+    const auto& k = dims[1];
+    if (s.headers[1].shape != s.headers[2].shape)
+      throw ArgError(cat(s.paths[2], ": shape ", npy::shape_string(s.headers[2].shape),
+                         " differs from k.npy's ", npy::shape_string(s.headers[1].shape)));
     if (k[2] != q[2])
       throw ArgError(cat(s.paths[1], ": head_dim ", k[2], " differs from q.npy's ", q[2]));
     auto agree_flag = [](const char* flag, const std::optional<std::int64_t>& given,
@@ -149,15 +180,17 @@ Setup resolve(const RunOptions& o, int ranks) {
       // dO of the backward: required, the shape of q.npy.
       s.paths[kDout] = (std::filesystem::path(o.load_dir) / "dout.npy").string();
       const std::string need = cat("--backward with --load needs ", s.paths[kDout],
-                                   " (dO, the gradient of out: float32 [Sq, Hq, D] like q.npy)");
+                                   s.batch > 1 || q0.size() == 4
+                                       ? " (dO, the gradient of out: float32 [B, Sq, Hq, D] like q.npy)"
+                                       : " (dO, the gradient of out: float32 [Sq, Hq, D] like q.npy)");
       try {
         s.headers[kDout] = npy::read_header(s.paths[kDout]);
       } catch (const Error& e) {
         throw ArgError(cat(need, ": ", e.what()));
       }
-      if (s.headers[kDout].shape != q)
+      if (s.headers[kDout].shape != q0)
         throw ArgError(cat(need, ": its shape ", npy::shape_string(s.headers[kDout].shape),
-                           " differs from q.npy's ", npy::shape_string(q)));
+                           " differs from q.npy's ", npy::shape_string(q0)));
     }
     s.heads = q[1];
     s.kv_heads = k[1];
@@ -168,6 +201,17 @@ Setup resolve(const RunOptions& o, int ranks) {
     s.heads = *o.heads;
     s.kv_heads = o.kv_heads.value_or(s.heads);
     s.head_dim = o.head_dim.value_or(128);
+    s.batch = o.batch.value_or(1);
+  }
+  for (int t = 0; t < 4; ++t) {
+    if (s.paths[t].empty()) continue;
+    s.flat[t] = s.headers[t];
+    if (s.flat[t].shape.size() == 4)
+      s.flat[t].shape = {s.flat[t].shape[0] * s.flat[t].shape[1], s.flat[t].shape[2], s.flat[t].shape[3]};
+  }
+  if (o.docs) {
+    s.docs.q = *o.docs;
+    if (o.kv_docs) s.docs.kv = *o.kv_docs;  // else the same as q (the library's convention)
   }
 
   const std::string nranks = std::to_string(ranks) + (ranks == 1 ? " rank" : " ranks");
@@ -204,8 +248,8 @@ Setup resolve(const RunOptions& o, int ranks) {
   // Every buffer size must fit in 64 bits (in bytes, the widest element being 8 for --check).
   const std::int64_t q_row = mul(mul(s.heads, s.head_dim, "heads * head_dim"), 8, "a token row");
   const std::int64_t kv_row = mul(mul(s.kv_heads, s.head_dim, "kv_heads * head_dim"), 8, "a token row");
-  mul(s.q_total, q_row, "the query tensor size");
-  mul(s.kv_total, kv_row, "the key/value tensor size");
+  mul(mul(s.q_total, s.batch, "batch * query tokens"), q_row, "the query tensor size");
+  mul(mul(s.kv_total, s.batch, "batch * key/value tokens"), kv_row, "the key/value tensor size");
   return s;
 }
 
@@ -227,16 +271,19 @@ void prepare_save(const RunOptions& o, Setup& s) {
   AtomicSave::prepare_dir(o.save_dir, s.save_names);
 }
 
-// Fills rows [at, at + n) of `dst` with tokens [first, first + n) of tensor t (kQ, kK, kV, kDout),
-// and the same values as float32 (bf16-rounded for bf16) into f32_copy + at * row, when given.
-void fill_rows(const Setup& s, const RunOptions& o, int t, std::int64_t first, std::int64_t n,
-               HostTensor& dst, std::int64_t at, float* f32_copy) {
+// Fills rows [at, at + n) of `dst` (rows counted over its whole storage, sequence after sequence)
+// with tokens [first, first + n) of sequence b of tensor t (kQ, kK, kV, kDout), and the same values
+// as float32 (bf16-rounded for bf16) into f32_copy + at * row, when given. Generated data: sequence
+// b holds the generator's tokens [b * total, (b + 1) * total) (batch 1: as without a batch).
+void fill_rows(const Setup& s, const RunOptions& o, int t, std::int64_t b, std::int64_t first,
+               std::int64_t n, HostTensor& dst, std::int64_t at, float* f32_copy) {
   const std::int64_t row = dst.row_elements();
+  const std::int64_t base_token = b * (t == kQ || t == kDout ? s.q_total : s.kv_total);
   auto produce = [&](std::int64_t tok, std::int64_t count, float* out) {
     if (s.from_files)
-      npy::read_rows(s.paths[t], s.headers[t], tok, count, out);
+      npy::read_rows(s.paths[t], s.flat[t], base_token + tok, count, out);
     else
-      generate(o.seed, t, tok, count, dst.heads, dst.dim, out);
+      generate(o.seed, t, base_token + tok, count, dst.heads, dst.dim, out);
   };
   if (dst.dtype == DType::f32) {
     produce(first, n, dst.storage.data() + at * row);
@@ -346,9 +393,18 @@ struct CheckResult {
   bool passed() const { return forward_passed() && (!backward || backward_passed()); }
 };
 
-std::string position(std::int64_t index, std::int64_t heads, std::int64_t dim) {
+// "token 3, head 0, dim 5" of element `index` of a [batch][tokens][heads][dim] tensor ("sequence 1,
+// token 3, ..." when batch > 1).
+std::string position(std::int64_t index, std::int64_t heads, std::int64_t dim, std::int64_t tokens,
+                     std::int64_t batch) {
   const std::int64_t row = heads * dim;
-  return cat("token ", index / row, ", head ", (index % row) / dim, ", dim ", index % dim);
+  std::int64_t token = index / row;
+  std::string seq;
+  if (batch > 1 && tokens > 0) {
+    seq = cat("sequence ", token / tokens, ", ");
+    token %= tokens;
+  }
+  return cat(seq, "token ", token, ", head ", (index % row) / dim, ", dim ", index % dim);
 }
 
 std::string float_text(double v) {
@@ -432,10 +488,10 @@ class Rank0Work {
     const bool bwd = o.backward;
     add("allocating the whole inputs", [this, bf16, need_inputs, bwd] {
       if (need_inputs) {
-        q_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
-        k_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
-        v_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
-        if (bwd) dout_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
+        q_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim, s_.batch);
+        k_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim, s_.batch);
+        v_ = HostTensor(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim, s_.batch);
+        if (bwd) dout_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim, s_.batch);
       }
       if (bf16) {
         qf_.resize(static_cast<std::size_t>(q_.elements()));
@@ -456,13 +512,16 @@ class Rank0Work {
       const std::int64_t tokens = q_like ? s.q_total : s.kv_total;
       const std::int64_t row = (q_like ? s.heads : s.kv_heads) * s.head_dim;
       const std::int64_t step = std::max<std::int64_t>(1, kPieceElements / std::max<std::int64_t>(row, 1));
-      for (std::int64_t a = 0; a < tokens; a += step) {
-        const std::int64_t n = std::min(step, tokens - a);
-        add(cat("preparing the whole ", names[t], " (tokens ", a, "-", a + n, " of ", tokens, ")"),
-            [this, t, a, n, bf16, inputs] {
-              fill_rows(s_, o_, t, a, n, *inputs[t].first, a, bf16 ? inputs[t].second->data() : nullptr);
-            });
-      }
+      for (std::int64_t b = 0; b < s.batch; ++b)
+        for (std::int64_t a = 0; a < tokens; a += step) {
+          const std::int64_t n = std::min(step, tokens - a);
+          add(cat("preparing the whole ", names[t], " (", s.batch > 1 ? cat("sequence ", b, ", ") : "",
+                  "tokens ", a, "-", a + n, " of ", tokens, ")"),
+              [this, t, b, a, n, tokens, bf16, inputs] {
+                fill_rows(s_, o_, t, b, a, n, *inputs[t].first, b * tokens + a,
+                          bf16 ? inputs[t].second->data() : nullptr);
+              });
+        }
     }
     if (bf16) {
       add("converting the outputs to float32", [this] {
@@ -528,16 +587,20 @@ class Rank0Work {
 
   void add_save() {
     saver_ = std::make_unique<AtomicSave>(o_.save_dir);
-    const std::int64_t qs[3] = {s_.q_total, s_.heads, s_.head_dim};
-    const std::int64_t ks[3] = {s_.kv_total, s_.kv_heads, s_.head_dim};
+    // [Sq, Hq, D]: q, out, dout, dq; [Skv, Hkv, D]: k, v, dk, dv; with a batch B > 1 a leading B.
+    const std::int64_t B = s_.batch;
+    const std::vector<std::int64_t> qs = B > 1 ? std::vector<std::int64_t>{B, s_.q_total, s_.heads, s_.head_dim}
+                                               : std::vector<std::int64_t>{s_.q_total, s_.heads, s_.head_dim};
+    const std::vector<std::int64_t> ks = B > 1 ? std::vector<std::int64_t>{B, s_.kv_total, s_.kv_heads, s_.head_dim}
+                                               : std::vector<std::int64_t>{s_.kv_total, s_.kv_heads, s_.head_dim};
     for (const std::string& name : s_.save_names) {
-      // [Sq, Hq, D]: q, out, dout, dq; [Skv, Hkv, D]: k, v, dk, dv.
       const bool is_q_shape = name == "q.npy" || name == "out.npy" || name == "dout.npy" || name == "dq.npy";
-      const std::int64_t* shape = is_q_shape ? qs : ks;
-      const std::int64_t total = shape[0] * shape[1] * shape[2];
+      const std::vector<std::int64_t>& shape = is_q_shape ? qs : ks;
+      std::int64_t total = 1;
+      for (std::int64_t d : shape) total *= d;
       auto index = std::make_shared<int>(-1);
-      add(cat("--save: writing ", name), [this, name, index, qs, ks, is_q_shape] {
-        *index = saver_->open(name, std::span<const std::int64_t>(is_q_shape ? qs : ks, 3));
+      add(cat("--save: writing ", name), [this, name, index, shape] {
+        *index = saver_->open(name, std::span<const std::int64_t>(shape));
       });
       for (std::int64_t a = 0; a < total; a += kPieceElements) {
         const std::int64_t n = std::min(kPieceElements, total - a);
@@ -557,6 +620,14 @@ class Rank0Work {
   void add_check() {
     const bool bwd = o_.backward;
     result_.backward = bwd;
+    // The documents of one sequence (one document of the totals when none were given): starts.
+    const Documents& docs = single_plan_->documents();
+    q_doc_start_.assign(1, 0);
+    kv_doc_start_.assign(1, 0);
+    for (std::size_t d = 0; d < docs.q.size(); ++d) {
+      q_doc_start_.push_back(q_doc_start_.back() + docs.q[d]);
+      kv_doc_start_.push_back(kv_doc_start_.back() + docs.kv[d]);
+    }
     add("--check: checking that the inputs are finite", [this, bwd] {
       const std::pair<const float*, std::int64_t> ts[4] = {{qf(), q_.elements()},
                                                            {kf(), k_.elements()},
@@ -564,20 +635,23 @@ class Rank0Work {
                                                            {doutf(), dout_.elements()}};
       const char* names[4] = {"q", "k", "v", "dout"};
       for (int t = 0; t < (bwd ? 4 : 3); ++t) {
-        const std::int64_t heads = t == kQ || t == kDout ? s_.heads : s_.kv_heads;
+        const bool q_like = t == kQ || t == kDout;
+        const std::int64_t heads = q_like ? s_.heads : s_.kv_heads;
+        const std::int64_t tokens = q_like ? s_.q_total : s_.kv_total;
         for (std::int64_t i = 0; i < ts[t].second; ++i) {
           if (std::isfinite(ts[t].first[i])) continue;
           if (result_.nonfinite_inputs++ == 0)
-            result_.first_nonfinite_input = cat(names[t], " ", position(i, heads, s_.head_dim), ": ",
-                                                float_text(ts[t].first[i]));
+            result_.first_nonfinite_input =
+                cat(names[t], " ", position(i, heads, s_.head_dim, tokens, s_.batch), ": ",
+                    float_text(ts[t].first[i]));
         }
       }
     });
     // The single-rank run: forward() and (--backward) backward() are one piece each.
     add("--check: the single-rank forward()", [this, bwd] {
       const Plan& plan = *single_plan_;
-      single_out_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
-      if (bwd) single_lse_.assign(static_cast<std::size_t>(s_.q_total * s_.heads), 0.0f);
+      single_out_ = HostTensor(o_.dtype, s_.q_total, s_.heads, s_.head_dim, s_.batch);
+      if (bwd) single_lse_.assign(static_cast<std::size_t>(s_.batch * s_.q_total * s_.heads), 0.0f);
       AttentionArgs a;
       a.q = q_.view();
       a.k = k_.view();
@@ -600,9 +674,9 @@ class Rank0Work {
     if (bwd) {
       add("--check: the single-rank backward()", [this] {
         const Plan& plan = *single_plan_;
-        HostTensor dq(o_.dtype, s_.q_total, s_.heads, s_.head_dim);
-        HostTensor dk(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
-        HostTensor dv(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim);
+        HostTensor dq(o_.dtype, s_.q_total, s_.heads, s_.head_dim, s_.batch);
+        HostTensor dk(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim, s_.batch);
+        HostTensor dv(o_.dtype, s_.kv_total, s_.kv_heads, s_.head_dim, s_.batch);
         BackwardArgs b;
         b.q = q_.view();
         b.k = k_.view();
@@ -633,37 +707,73 @@ class Rank0Work {
         1, static_cast<std::int64_t>(2e8 / (static_cast<double>(std::max<std::int64_t>(row, 1)) *
                                             static_cast<double>(std::max<std::int64_t>(s_.kv_total, 1)))));
     const std::int64_t step = std::min(by_bytes, by_work);
-    for (std::int64_t a = 0; a < s_.q_total; a += step) {
-      const std::int64_t b = std::min(s_.q_total, a + step);
-      add(cat("--check: float64 reference, query rows ", a, "-", b, " of ", s_.q_total),
-          [this, a, b, row] { reference_rows(a, b, row); });
-    }
+    for (std::int64_t bi = 0; bi < s_.batch; ++bi)
+      for (std::int64_t a = 0; a < s_.q_total; a += step) {
+        const std::int64_t b = std::min(s_.q_total, a + step);
+        add(cat("--check: float64 reference, ", s_.batch > 1 ? cat("sequence ", bi, ", ") : "",
+                "query rows ", a, "-", b, " of ", s_.q_total),
+            [this, bi, a, b, row] { reference_rows(bi, a, b, row); });
+      }
     if (bwd) add_backward_reference();
   }
 
-  // Causal masks are bottom-right aligned: rows [a, b) see the keys a call with b queries and
-  // kv_total - (q_total - b) keys would show them (none when that is <= 0).
-  std::int64_t keys_seen_by_rows_before(std::int64_t b) const {
-    if (!shape_.causal) return s_.kv_total;
-    return std::max<std::int64_t>(0, s_.kv_total - (s_.q_total - b));
+  // The pieces of rows [a, b) of one sequence that lie in one document each: calls
+  // f(first query row of the document, its q length, first key of the document, its kv length,
+  // the piece's rows [ra, rb) within the document).
+  template <typename F>
+  void for_each_document_piece(std::int64_t a, std::int64_t b, F&& f) const {
+    const std::size_t n = q_doc_start_.size() - 1;
+    // The first document that ends after a (empty documents before it hold no row).
+    std::size_t d = static_cast<std::size_t>(
+        std::upper_bound(q_doc_start_.begin() + 1, q_doc_start_.end(), a) - (q_doc_start_.begin() + 1));
+    for (; d < n && q_doc_start_[d] < b; ++d) {
+      const std::int64_t qs = q_doc_start_[d], ql = q_doc_start_[d + 1] - qs;
+      const std::int64_t ks = kv_doc_start_[d], kl = kv_doc_start_[d + 1] - ks;
+      const std::int64_t ra = std::max(a, qs) - qs, rb = std::min(b, qs + ql) - qs;
+      if (rb > ra) f(qs, ql, ks, kl, ra, rb);
+    }
   }
 
-  // The float64 reference of query rows [a, b), compared with the gathered output.
-  void reference_rows(std::int64_t a, std::int64_t b, std::int64_t row) {
-    const std::int64_t kv = keys_seen_by_rows_before(b);
+  ReferenceWindow window_of(std::int64_t ra, std::int64_t rb, std::int64_t ql, std::int64_t kl) const {
+    const ReferenceWindow w = reference_window(ra, rb, ql, kl, shape_.causal, shape_.window_left,
+                                               shape_.window_right);
+    if ((w.keys > 0 && ((shape_.window_left >= 0 && w.window_left < 0) ||
+                        (w.window_right < 0 && (shape_.causal || shape_.window_right >= 0)))) ||
+        w.key_first < 0 || w.key_first + w.keys > kl)
+      throw Error(ErrorCode::internal,
+                  cat("--check: the reference window of rows ", ra, "-", rb, " of a document of ",
+                      ql, " queries and ", kl, " keys came out wrong (internal error)"));
+    return w;
+  }
+
+  // The float64 reference of query rows [a, b) of sequence bi, compared with the gathered output:
+  // per document, with the mask of the plan (reference_window).
+  void reference_rows(std::int64_t bi, std::int64_t a, std::int64_t b, std::int64_t row) {
     ref_.resize(static_cast<std::size_t>((b - a) * row));
-    detail::reference_attention(qf() + a * row, kf(), vf(), b - a, kv, s_.heads, s_.kv_heads,
-                                s_.head_dim, single_plan_->shape().scale, shape_.causal, ref_.data(),
-                                nullptr);
-    const float* out = of() + a * row;
+    const std::int64_t kv_row = s_.kv_heads * s_.head_dim;
+    const float* q = qf() + bi * s_.q_total * row;
+    const float* k = kf() + bi * s_.kv_total * kv_row;
+    const float* v = vf() + bi * s_.kv_total * kv_row;
+    for_each_document_piece(a, b, [&](std::int64_t qs, std::int64_t ql, std::int64_t ks,
+                                      std::int64_t kl, std::int64_t ra, std::int64_t rb) {
+      const ReferenceWindow w = window_of(ra, rb, ql, kl);
+      detail::reference_attention(q + (qs + ra) * row, k + (ks + w.key_first) * kv_row,
+                                  v + (ks + w.key_first) * kv_row, rb - ra, w.keys, s_.heads,
+                                  s_.kv_heads, s_.head_dim, single_plan_->shape().scale, false,
+                                  ref_.data() + (qs + ra - a) * row, nullptr, w.window_left,
+                                  w.window_right);
+    });
+    const std::int64_t first = (bi * s_.q_total + a) * row;
+    const float* out = of() + first;
     for (std::int64_t i = 0; i < (b - a) * row; ++i) {
       const double r = ref_[static_cast<std::size_t>(i)];
       const double x = out[i];
       if (!std::isfinite(r)) continue;
       if (!std::isfinite(x)) {
         if (result_.nonfinite_outputs++ == 0)
-          result_.first_nonfinite_output = cat(position(a * row + i, s_.heads, s_.head_dim), ": ",
-                                               float_text(x), " (reference ", float_text(r), ")");
+          result_.first_nonfinite_output =
+              cat(position(first + i, s_.heads, s_.head_dim, s_.q_total, s_.batch), ": ",
+                  float_text(x), " (reference ", float_text(r), ")");
         continue;
       }
       result_.max_abs_err = std::max(result_.max_abs_err, std::fabs(x - r));
@@ -671,46 +781,51 @@ class Rank0Work {
     }
   }
 
-  // The float64 reference backward, per kv head (its `group` q heads packed contiguously) and per
-  // piece of query rows: dq of the piece is compared at once, dk/dv (sums over every query row)
-  // once the kv head's last piece is done.
+  // The float64 reference backward, per sequence and kv head (its `group` q heads packed
+  // contiguously) and per piece of query rows (split at documents): dq of the piece is compared at
+  // once, dk/dv (sums over every query row of the key's document) once the kv head's last piece is
+  // done.
   void add_backward_reference() {
     const std::int64_t group = s_.heads / s_.kv_heads;
     const std::int64_t step = reference_backward_rows(s_);
-    for (std::int64_t g = 0; g < s_.kv_heads; ++g) {
-      add(cat("--check: float64 reference backward, kv head ", g, " of ", s_.kv_heads, ": set-up"),
-          [this, g] { backward_head_begin(g); });
-      for (std::int64_t a = 0; a < s_.q_total; a += step) {
-        const std::int64_t b = std::min(s_.q_total, a + step);
-        add(cat("--check: float64 reference backward, kv head ", g, " of ", s_.kv_heads,
-                ", query rows ", a, "-", b, " of ", s_.q_total),
-            [this, g, a, b, group] { backward_rows(g, group, a, b); });
+    for (std::int64_t bi = 0; bi < s_.batch; ++bi) {
+      const std::string seq = s_.batch > 1 ? cat("sequence ", bi, ", ") : std::string();
+      for (std::int64_t g = 0; g < s_.kv_heads; ++g) {
+        add(cat("--check: float64 reference backward, ", seq, "kv head ", g, " of ", s_.kv_heads, ": set-up"),
+            [this, bi, g] { backward_head_begin(bi, g); });
+        for (std::int64_t a = 0; a < s_.q_total; a += step) {
+          const std::int64_t b = std::min(s_.q_total, a + step);
+          add(cat("--check: float64 reference backward, ", seq, "kv head ", g, " of ", s_.kv_heads,
+                  ", query rows ", a, "-", b, " of ", s_.q_total),
+              [this, bi, g, a, b, group] { backward_rows(bi, g, group, a, b); });
+        }
+        add(cat("--check: float64 reference backward, ", seq, "kv head ", g, " of ", s_.kv_heads, ": dk, dv"),
+            [this, bi, g] { backward_head_end(bi, g); });
       }
-      add(cat("--check: float64 reference backward, kv head ", g, " of ", s_.kv_heads, ": dk, dv"),
-          [this, g] { backward_head_end(g); });
     }
   }
 
-  // Compares one gradient value with its reference.
-  void compare(int grad, double r, double x, std::int64_t index, std::int64_t heads) {
+  // Compares one gradient value with its reference (index: of the whole [B][S][H][D] tensor).
+  void compare(int grad, double r, double x, std::int64_t index, std::int64_t heads, std::int64_t tokens) {
     GradientCheck& c = result_.gradients[grad];
     if (!std::isfinite(r)) return;
     if (!std::isfinite(x)) {
       if (c.nonfinite++ == 0)
-        c.first_nonfinite = cat(position(index, heads, s_.head_dim), ": ", float_text(x),
-                                " (reference ", float_text(r), ")");
+        c.first_nonfinite = cat(position(index, heads, s_.head_dim, tokens, s_.batch), ": ",
+                                float_text(x), " (reference ", float_text(r), ")");
       return;
     }
     c.max_abs_err = std::max(c.max_abs_err, std::fabs(x - r));
     ++c.compared;
   }
 
-  void backward_head_begin(std::int64_t g) {
+  void backward_head_begin(std::int64_t bi, std::int64_t g) {
     const std::int64_t D = s_.head_dim, n = s_.kv_total * D;
     kg_.resize(static_cast<std::size_t>(n));
     vg_.resize(static_cast<std::size_t>(n));
+    const std::int64_t seq = bi * s_.kv_total;
     for (std::int64_t j = 0; j < s_.kv_total; ++j) {
-      const std::int64_t from = (j * s_.kv_heads + g) * D;
+      const std::int64_t from = ((seq + j) * s_.kv_heads + g) * D;
       std::memcpy(kg_.data() + j * D, kf() + from, static_cast<std::size_t>(D) * sizeof(float));
       std::memcpy(vg_.data() + j * D, vf() + from, static_cast<std::size_t>(D) * sizeof(float));
     }
@@ -720,43 +835,51 @@ class Rank0Work {
     dv_ref_.resize(static_cast<std::size_t>(n));
   }
 
-  void backward_rows(std::int64_t g, std::int64_t group, std::int64_t a, std::int64_t b) {
+  void backward_rows(std::int64_t bi, std::int64_t g, std::int64_t group, std::int64_t a, std::int64_t b) {
     const std::int64_t D = s_.head_dim, rows = b - a, hrow = group * D;
     qg_.resize(static_cast<std::size_t>(rows * hrow));
     dog_.resize(static_cast<std::size_t>(rows * hrow));
     dq_ref_.resize(static_cast<std::size_t>(rows * hrow));
     const std::int64_t first = g * group * D, row = s_.heads * D;
+    const std::int64_t seq = bi * s_.q_total;
     for (std::int64_t i = 0; i < rows; ++i) {
-      std::memcpy(qg_.data() + i * hrow, qf() + (a + i) * row + first,
+      std::memcpy(qg_.data() + i * hrow, qf() + (seq + a + i) * row + first,
                   static_cast<std::size_t>(hrow) * sizeof(float));
-      std::memcpy(dog_.data() + i * hrow, doutf() + (a + i) * row + first,
+      std::memcpy(dog_.data() + i * hrow, doutf() + (seq + a + i) * row + first,
                   static_cast<std::size_t>(hrow) * sizeof(float));
     }
-    const std::int64_t kv = keys_seen_by_rows_before(b);
-    detail::reference_attention_backward(qg_.data(), kg_.data(), vg_.data(), dog_.data(), rows, kv,
-                                         group, 1, D, single_plan_->shape().scale, shape_.causal,
-                                         dq_ref_.data(), dk_ref_.data(), dv_ref_.data());
-    for (std::int64_t i = 0; i < kv * D; ++i) {
-      dk_acc_[static_cast<std::size_t>(i)] += dk_ref_[static_cast<std::size_t>(i)];
-      dv_acc_[static_cast<std::size_t>(i)] += dv_ref_[static_cast<std::size_t>(i)];
-    }
+    for_each_document_piece(a, b, [&](std::int64_t qs, std::int64_t ql, std::int64_t ks,
+                                      std::int64_t kl, std::int64_t ra, std::int64_t rb) {
+      const ReferenceWindow w = window_of(ra, rb, ql, kl);
+      const std::int64_t at = (qs + ra - a) * hrow, key = (ks + w.key_first) * D;
+      detail::reference_attention_backward(qg_.data() + at, kg_.data() + key, vg_.data() + key,
+                                           dog_.data() + at, rb - ra, w.keys, group, 1, D,
+                                           single_plan_->shape().scale, false, dq_ref_.data() + at,
+                                           dk_ref_.data(), dv_ref_.data(), w.window_left,
+                                           w.window_right);
+      for (std::int64_t i = 0; i < w.keys * D; ++i) {
+        dk_acc_[static_cast<std::size_t>(key + i)] += dk_ref_[static_cast<std::size_t>(i)];
+        dv_acc_[static_cast<std::size_t>(key + i)] += dv_ref_[static_cast<std::size_t>(i)];
+      }
+    });
     const float* dq = gradf(0);
     for (std::int64_t i = 0; i < rows; ++i)
       for (std::int64_t e = 0; e < hrow; ++e) {
-        const std::int64_t index = (a + i) * row + first + e;
-        compare(0, dq_ref_[static_cast<std::size_t>(i * hrow + e)], dq[index], index, s_.heads);
+        const std::int64_t index = (seq + a + i) * row + first + e;
+        compare(0, dq_ref_[static_cast<std::size_t>(i * hrow + e)], dq[index], index, s_.heads, s_.q_total);
       }
   }
 
-  void backward_head_end(std::int64_t g) {
+  void backward_head_end(std::int64_t bi, std::int64_t g) {
     const std::int64_t D = s_.head_dim;
     const float* dk = gradf(1);
     const float* dv = gradf(2);
+    const std::int64_t seq = bi * s_.kv_total;
     for (std::int64_t j = 0; j < s_.kv_total; ++j)
       for (std::int64_t d = 0; d < D; ++d) {
-        const std::int64_t index = (j * s_.kv_heads + g) * D + d;
-        compare(1, dk_acc_[static_cast<std::size_t>(j * D + d)], dk[index], index, s_.kv_heads);
-        compare(2, dv_acc_[static_cast<std::size_t>(j * D + d)], dv[index], index, s_.kv_heads);
+        const std::int64_t index = ((seq + j) * s_.kv_heads + g) * D + d;
+        compare(1, dk_acc_[static_cast<std::size_t>(j * D + d)], dk[index], index, s_.kv_heads, s_.kv_total);
+        compare(2, dv_acc_[static_cast<std::size_t>(j * D + d)], dv[index], index, s_.kv_heads, s_.kv_total);
       }
     for (auto* v : {&dk_acc_, &dv_acc_, &dk_ref_, &dv_ref_, &dq_ref_}) *v = std::vector<double>();
     for (auto* v : {&kg_, &vg_, &qg_, &dog_}) *v = std::vector<float>();
@@ -772,6 +895,8 @@ class Rank0Work {
   // bf16: the values as float32.
   std::vector<float> qf_, kf_, vf_, doutf_, of_, dqf_, dkf_, dvf_;
   std::vector<double> ref_;
+  // Where each document of a sequence starts (q and kv), with the totals at the end.
+  std::vector<std::int64_t> q_doc_start_, kv_doc_start_;
   // The single-rank run (between its forward and backward pieces).
   HostTensor single_out_;
   std::vector<float> single_lse_;
@@ -815,8 +940,9 @@ std::int64_t backward_workspace_bytes(const Plan& plan, bool saved_mode) {
   const std::int64_t es = static_cast<std::int64_t>(dtype_size(sh.dtype));
   const std::int64_t D = sh.head_dim, me = plan.rank();
   const WorkRange w = plan.work(static_cast<int>(me));
-  // (q head, row) pairs of this rank's work (at most q_heads * q_total, which resolve() keeps
-  // far from overflowing), and the q heads they touch.
+  // (q head, row) pairs of this rank's work (at most batch * q_heads * q_total, which resolve()
+  // keeps far from overflowing), and the q heads they touch (heads count over the batch: see
+  // WorkRange).
   const std::int64_t pairs = std::max<std::int64_t>(
       0, (w.end_head - w.first_head) * plan.q_total() + (w.end_row - w.first_row));
   const std::int64_t heads = std::max<std::int64_t>(0, plan.q_head_end(static_cast<int>(me)) -
@@ -828,9 +954,9 @@ std::int64_t backward_workspace_bytes(const Plan& plan, bool saved_mode) {
   std::int64_t b = sat_product(foreign, sat_add(sat_product(2, D, es), 8));  // dO, lse, delta, dQ rows
   b = sat_add(b, sat_product(2, heads, kvt, D, 4));                        // dK/dV partial sums
   b = sat_add(b, sat_product(2, kvt, D, 4));                               // carry
-  b = sat_add(b, sat_product(2, sh.q_heads, plan.kv_tokens(), D, 4));      // per-head sums to reduce
+  b = sat_add(b, sat_product(2, sh.q_heads, plan.batch(), plan.kv_tokens(), D, 4));  // per-head sums to reduce
   b = sat_add(b, sat_add(plan.backward_bytes_sent(saved_mode), plan.backward_bytes_received(saved_mode)));
-  b = sat_add(b, sat_product(plan.q_tokens(), sh.q_heads, 4));             // delta
+  b = sat_add(b, sat_product(plan.batch(), plan.q_tokens(), sh.q_heads, 4));  // delta
   b = sat_add(b, sat_product(sat_add(sat_product(3, kvt), sat_product(4, std::min(pairs, plan.q_total()))),
                              D, 4));                                       // kernel scratch
   if (!saved_mode) b = sat_add(b, plan.saved_bytes());                     // q/k/v rows again
@@ -842,23 +968,23 @@ MemoryNeed memory_need(const RunOptions& o, const Setup& s, const Plan& plan, bo
   using mem::sat_add;
   using mem::sat_product;
   const std::int64_t es = static_cast<std::int64_t>(dtype_size(o.dtype));
-  const std::int64_t D = s.head_dim;
+  const std::int64_t D = s.head_dim, B = s.batch;  // every tensor holds B sequences
   MemoryNeed n;
-  n.add("q/k/v/out",
-        sat_add(sat_product(2, plan.q_tokens(), s.heads, D, es), sat_product(2, plan.kv_tokens(), s.kv_heads, D, es)));
+  n.add("q/k/v/out", sat_add(sat_product(2, B, plan.q_tokens(), s.heads, D, es),
+                             sat_product(2, B, plan.kv_tokens(), s.kv_heads, D, es)));
   n.add("staging", plan.staging_bytes());
   if (!peer_memory) n.add("pack/unpack", sat_add(plan.bytes_sent(), plan.bytes_received()));
   if (o.backward) {
     n.add("dout/dq/dk/dv/lse",
-          sat_add(sat_add(sat_product(2, plan.q_tokens(), s.heads, D, es),
-                          sat_product(2, plan.kv_tokens(), s.kv_heads, D, es)),
-                  sat_product(plan.q_tokens(), s.heads, 4)));
+          sat_add(sat_add(sat_product(2, B, plan.q_tokens(), s.heads, D, es),
+                          sat_product(2, B, plan.kv_tokens(), s.kv_heads, D, es)),
+                  sat_product(B, plan.q_tokens(), s.heads, 4)));
     if (o.backward_saved) n.add("saved forward", plan.saved_bytes());
     n.add("backward workspace", backward_workspace_bytes(plan, o.backward_saved));
   }
   if (single != nullptr) {  // rank 0 with --check or --save
-    const std::int64_t q_all = sat_product(s.q_total, s.heads, D);
-    const std::int64_t kv_all = sat_product(s.kv_total, s.kv_heads, D);
+    const std::int64_t q_all = sat_product(B, s.q_total, s.heads, D);
+    const std::int64_t kv_all = sat_product(B, s.kv_total, s.kv_heads, D);
     const bool inputs = rank0_needs_inputs(o, s);
     const bool bwd = o.backward;
     // The outputs gathered (out; dq, dk, dv) and the whole inputs (q, k, v; dout).
@@ -875,7 +1001,7 @@ MemoryNeed memory_need(const RunOptions& o, const Setup& s, const Plan& plan, bo
       n.add("reference rows", std::min(sat_product(s.q_total, row), std::max(row, kReferenceBytes)));
       if (bwd) {
         n.add("single-rank dq/dk/dv/lse", sat_add(sat_product(sat_add(q_all, sat_product(2, kv_all)), es),
-                                                  sat_product(s.q_total, s.heads, 4)));
+                                                  sat_product(B, s.q_total, s.heads, 4)));
         if (o.backward_saved) n.add("single-rank saved forward", single->saved_bytes());
         n.add("single-rank backward workspace", backward_workspace_bytes(*single, o.backward_saved));
         // One kv head at a time: its k/v rows (float32) and dk/dv sums (float64, twice), and a
@@ -1004,6 +1130,9 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   shape.dtype = o.dtype;
   shape.causal = o.causal;
   shape.return_lse = o.backward;  // backward() recomputes the softmax from the forward's lse
+  shape.batch = s.batch;
+  shape.window_left = o.window_left;
+  shape.window_right = o.window_right;
   PlanOptions options;
   options.strategy = o.strategy;
   options.backward_order = o.backward_order;
@@ -1012,7 +1141,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   const auto t_plan = Clock::now();
   const Plan plan = collective([&] {
     return Plan::create(comm, shape, s.lens[static_cast<std::size_t>(me)],
-                        s.kv_lens[static_cast<std::size_t>(me)], options);
+                        s.kv_lens[static_cast<std::size_t>(me)], s.docs, options);
   }, "Plan::create");
   const double plan_ms = ms_since(t_plan);
   const bool peer_memory = o.strategy == Strategy::uaa && P > 1 && comm.can_read_peers();
@@ -1035,7 +1164,7 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   ctl.local_step("check memory", [&] {
     if (me == 0 && rank0_work) {
       self = make_mpi_communicator(MPI_COMM_SELF);
-      single = Plan::from_lengths(*self, shape, {s.q_total}, {s.kv_total}, options);
+      single = Plan::from_lengths(*self, shape, {s.q_total}, {s.kv_total}, s.docs, options);
     }
     const MemoryNeed need = memory_need(o, s, plan, peer_memory, single ? &*single : nullptr);
     const mem::Available avail = mem::share(env.memory, node_ranks, cgroup_ranks);
@@ -1049,20 +1178,21 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
   // My shards, in slices.
   HostTensor q, k, v, out;
   HostTensor dout, dq, dk, dv;  // --backward
-  std::vector<float> lse;       // --backward: [q_tokens][heads]
+  std::vector<float> lse;       // --backward: [batch][q_tokens][heads]
   {
     Tasks tasks;
     tasks.add("allocating the inputs", [&] {
-      q = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
-      k = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
-      v = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
-      out = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
+      const std::int64_t B = s.batch;
+      q = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim, B);
+      k = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim, B);
+      v = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim, B);
+      out = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim, B);
       if (o.backward) {
-        dout = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
-        dq = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim);
-        dk = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
-        dv = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim);
-        lse.assign(static_cast<std::size_t>(plan.q_tokens() * s.heads), 0.0f);
+        dout = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim, B);
+        dq = HostTensor(o.dtype, plan.q_tokens(), s.heads, s.head_dim, B);
+        dk = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim, B);
+        dv = HostTensor(o.dtype, plan.kv_tokens(), s.kv_heads, s.head_dim, B);
+        lse.assign(static_cast<std::size_t>(B * plan.q_tokens() * s.heads), 0.0f);
       }
     });
     HostTensor* dst[4] = {&q, &k, &v, &dout};
@@ -1073,11 +1203,13 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
       const std::int64_t first = first_token(lens, me), n = lens[static_cast<std::size_t>(me)];
       const std::int64_t row = (q_like ? s.heads : s.kv_heads) * s.head_dim;
       const std::int64_t step = std::max<std::int64_t>(1, kPieceElements / std::max<std::int64_t>(row, 1));
-      for (std::int64_t a = 0; a < n; a += step) {
-        const std::int64_t c = std::min(step, n - a);
-        tasks.add(cat("preparing the inputs: ", names[t], " tokens ", a, "-", a + c, " of ", n),
-                  [&, t, a, c, first] { fill_rows(s, o, t, first + a, c, *dst[t], a, nullptr); });
-      }
+      for (std::int64_t b = 0; b < s.batch; ++b)
+        for (std::int64_t a = 0; a < n; a += step) {
+          const std::int64_t c = std::min(step, n - a);
+          tasks.add(cat("preparing the inputs: ", names[t], s.batch > 1 ? cat(" sequence ", b) : "",
+                        " tokens ", a, "-", a + c, " of ", n),
+                    [&, t, b, a, c, n, first] { fill_rows(s, o, t, b, first + a, c, *dst[t], b * n + a, nullptr); });
+        }
     }
     run_sliced(ctl, "prepare the inputs", tasks, progress, [] { return std::uint16_t{0}; });
   }
@@ -1196,15 +1328,15 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
                             : "gathering the output on rank 0");
     ctl.local_step("allocate the gathered output", [&] {
       if (me != 0) return;
-      gathered.out = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim);
+      gathered.out = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim, s.batch);
       if (o.backward) {
-        gathered.dq = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim);
-        gathered.dk = HostTensor(o.dtype, s.kv_total, s.kv_heads, s.head_dim);
-        gathered.dv = HostTensor(o.dtype, s.kv_total, s.kv_heads, s.head_dim);
+        gathered.dq = HostTensor(o.dtype, s.q_total, s.heads, s.head_dim, s.batch);
+        gathered.dk = HostTensor(o.dtype, s.kv_total, s.kv_heads, s.head_dim, s.batch);
+        gathered.dv = HostTensor(o.dtype, s.kv_total, s.kv_heads, s.head_dim, s.batch);
       }
     });
-    // Per rank, in this order: out, then (--backward) dq, dk, dv (messages between a pair of ranks
-    // match in the order they are listed).
+    // Per rank, in this order: out, then (--backward) dq, dk, dv, each sequence of the batch after
+    // the other (messages between a pair of ranks match in the order they are listed).
     struct Part {
       HostTensor* mine;
       HostTensor* all;
@@ -1217,15 +1349,20 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
       parts.push_back({&dv, &gathered.dv, &s.kv_lens});
     }
     std::vector<Message> sends, recvs;
-    for (const Part& p : parts)
-      if (p.mine->bytes() > 0) sends.push_back({0, p.mine->data(), p.mine->bytes()});
+    for (const Part& p : parts) {
+      const std::int64_t seq_bytes = p.mine->tokens * p.mine->row_bytes();
+      for (std::int64_t b = 0; b < s.batch && seq_bytes > 0; ++b)
+        sends.push_back({0, static_cast<char*>(p.mine->data()) + b * seq_bytes, seq_bytes});
+    }
     if (me == 0) {
       for (int r = 0; r < P; ++r)
         for (const Part& p : parts) {
           const std::int64_t row = p.all->row_bytes();
           const std::int64_t n = (*p.lens)[static_cast<std::size_t>(r)];
-          if (n > 0)
-            recvs.push_back({r, static_cast<char*>(p.all->data()) + first_token(*p.lens, r) * row, n * row});
+          for (std::int64_t b = 0; b < s.batch && n > 0; ++b)
+            recvs.push_back({r, static_cast<char*>(p.all->data()) +
+                                    (b * p.all->tokens + first_token(*p.lens, r)) * row,
+                             n * row});
         }
     }
     collective([&] { comm.exchange(sends, recvs); }, "gather the output on rank 0");
@@ -1262,6 +1399,9 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
           .field("head_dim", s.head_dim)
           .field("dtype", dtype_name(o.dtype))
           .field("causal", o.causal)
+          .field("window", std::vector<std::int64_t>{o.window_left, o.window_right})
+          .field("documents", static_cast<std::int64_t>(plan.documents().q.size()))
+          .field("batch", s.batch)
           .field("strategy", strategy_name(o.strategy))
           .field("iters", o.iters);
       if (!s.from_files) j.field("seed", static_cast<std::uint64_t>(o.seed));
@@ -1312,12 +1452,25 @@ int run(ToolControl& ctl, const RunOptions& o, const Environment& env) {
       }
       std::printf("%s\n", j.str().c_str());
     } else {
+      // ", causal, window (8,0), 3 documents, batch 2": what differs from plain attention.
+      std::string layout_text = o.causal ? ", causal" : "";
+      if (o.window_left >= 0 || o.window_right >= 0)
+        layout_text += cat(", window (", o.window_left, ",", o.window_right, ")");
+      if (o.docs) {
+        const std::size_t nd = plan.documents().q.size();
+        layout_text += cat(", ", nd, " document", nd == 1 ? "" : "s");
+        if (nd <= 16) {  // the lengths, when short enough for one line
+          layout_text += cat(" ", list_text(plan.documents().q));
+          if (o.kv_docs) layout_text += cat(" (kv ", list_text(plan.documents().kv), ")");
+        }
+      }
+      if (s.batch > 1) layout_text += cat(", batch ", s.batch);
       std::printf("uaa run: %d rank%s, q lens %s (%lld), kv lens %s (%lld), heads %lld q / %lld kv, "
                   "head_dim %lld, %s%s, %lld iter%s, kernel %s x %d thread%s, %s\n",
                   P, P == 1 ? "" : "s", list_text(s.lens).c_str(), static_cast<long long>(s.q_total),
                   list_text(s.kv_lens).c_str(), static_cast<long long>(s.kv_total),
                   static_cast<long long>(s.heads), static_cast<long long>(s.kv_heads),
-                  static_cast<long long>(s.head_dim), dtype_name(o.dtype), o.causal ? ", causal" : "",
+                  static_cast<long long>(s.head_dim), dtype_name(o.dtype), layout_text.c_str(),
                   static_cast<long long>(o.iters), o.iters == 1 ? "" : "s", kernels[0].c_str(),
                   uaa::num_threads(), uaa::num_threads() == 1 ? "" : "s",
                   (s.from_files ? cat("data ", o.load_dir) : cat("seed ", o.seed)).c_str());

@@ -184,25 +184,27 @@ struct MicroBf16Dp {
       });
   }
 
-  // Row r of P·V over the tile's first n keys only (flash_impl.h, "Non-finite values"): whole key
-  // pairs as pv_block_bf16 does them; for odd n the last pair's invisible key has its V lane zeroed
-  // (its P is 0 already), which for finite V is the same dot product.
-  static void pv_prefix(const Problem& p, const float*, const std::uint16_t* pb, const char* vt,
-                        float* O, const float* alpha, std::int64_t r, std::int64_t n) {
+  // Row r of P·V over the tile's keys [lo, hi) only (flash_impl.h, "Non-finite values"): whole key
+  // pairs as pv_block_bf16 does them; a pair that holds an invisible key (odd lo, odd hi) has that
+  // key's V lane zeroed (its P is 0 already), which for finite V is the same dot product.
+  static void pv_range(const Problem& p, const float*, const std::uint16_t* pb, const char* vt,
+                       float* O, const float* alpha, std::int64_t r, std::int64_t lo, std::int64_t hi) {
     const std::int64_t Dp = p.padded_dim;
     const auto* v = reinterpret_cast<const std::uint16_t*>(vt);
     const std::uint16_t* P = pb + r * kBc;
-    const __m512i low = _mm512_set1_epi32(0xffff);
+    // Lane masks of the first and last pair: the low half of a pair is its even key.
+    const __m512i all = _mm512_set1_epi32(-1);
+    const __m512i first = lo % 2 ? _mm512_set1_epi32(static_cast<int>(0xffff0000u)) : all;  // lo - 1 out
+    const __m512i last = hi % 2 ? _mm512_set1_epi32(0xffff) : all;                           // hi out
+    const std::int64_t f0 = lo / 2, f1 = (hi + 1) / 2;
     for (std::int64_t c = 0; c < Dp; c += 16) {
       float* o = O + r * Dp + c;
       __m512 acc = _mm512_mul_ps(_mm512_load_ps(o), _mm512_set1_ps(alpha[r]));
-      for (std::int64_t f = 0; f < n / 2; ++f)
-        acc = dpbf16(acc, _mm512_set1_epi32(static_cast<int>(load_pair(P + 2 * f))),
-                     _mm512_load_si512(v + (f * Dp + c) * 2));
-      if (n % 2) {
-        const std::int64_t f = n / 2;
-        acc = dpbf16(acc, _mm512_set1_epi32(static_cast<int>(load_pair(P + 2 * f))),
-                     _mm512_and_si512(_mm512_load_si512(v + (f * Dp + c) * 2), low));
+      for (std::int64_t f = f0; f < f1; ++f) {
+        __m512i vv = _mm512_load_si512(v + (f * Dp + c) * 2);
+        if (f == f0) vv = _mm512_and_si512(vv, first);
+        if (f == f1 - 1) vv = _mm512_and_si512(vv, last);
+        acc = dpbf16(acc, _mm512_set1_epi32(static_cast<int>(load_pair(P + 2 * f))), vv);
       }
       _mm512_store_ps(o, acc);
     }
@@ -412,9 +414,9 @@ struct BwdMicroBf16Dp {
   }
 
   // The row pairs of a tile: pair 0 is rows (a0, a0 + 1), a0 the even offset from r0 at or before
-  // a; n pairs cover rows up to r1 (a row before a or at r1 is a zero row).
+  // a; n pairs cover rows up to a + m (a row before a or at a + m is a zero row).
   static std::int64_t first_pair_row(const BwdTile& w) { return w.r0 + ((w.a - w.r0) & ~std::int64_t{1}); }
-  static std::int64_t row_pairs(const BwdTile& w) { return (w.r1 - first_pair_row(w) + 1) / 2; }
+  static std::int64_t row_pairs(const BwdTile& w) { return (w.a + w.m - first_pair_row(w) + 1) / 2; }
 
   // X rows [a, a + m) fp32 [.][kBc] (row a at X) to bf16 row pairs out[f][c] = (X[a0 + 2f][c],
   // X[a0 + 2f + 1][c]), rows outside [a, a + m) as 0; round to nearest even.
@@ -436,14 +438,14 @@ struct BwdMicroBf16Dp {
     }
   }
 
-  // dV[keys] += Pᵀ·dO over the tile's row pairs, P rounded to bf16.
+  // dV[keys k0..kn) += Pᵀ·dO over the tile's row pairs, P rounded to bf16.
   static void dv(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const BwdTile& w) {
     const std::int64_t Dp = p.padded_dim, f0 = (first_pair_row(w) - w.r0) / 2;
     emit_row_pairs(tb.p, w, tb.p_rowpairs);
-    dp_gemm(w.kn, Dp, row_pairs(w), tb.p_rowpairs, 1, kBc, hb.do_rowpairs + w.u * kBr * Dp + f0 * Dp * 2,
-            Dp * 2, tb.dv, Dp);
+    dp_gemm(w.kn - w.k0, Dp, row_pairs(w), tb.p_rowpairs + w.k0, 1, kBc,
+            hb.do_rowpairs + w.u * kBr * Dp + f0 * Dp * 2, Dp * 2, tb.dv + w.k0 * Dp, Dp);
   }
-  // dK[keys] += dSᵀ·Q likewise, dS rounded to bf16; also rounds dS rows for dq.
+  // dK[keys k0..kn) += dSᵀ·Q likewise, dS rounded to bf16; also rounds dS rows for dq.
   static void dk(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const BwdTile& w) {
     const std::int64_t Dp = p.padded_dim, f0 = (first_pair_row(w) - w.r0) / 2;
     emit_row_pairs(tb.ds, w, tb.ds_rowpairs);
@@ -454,16 +456,17 @@ struct BwdMicroBf16Dp {
         _mm512_store_si512(tb.ds_bf16 + r * kBc + c * 32,
                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(x + 16), _mm512_load_ps(x)));
       }
-    dp_gemm(w.kn, Dp, row_pairs(w), tb.ds_rowpairs, 1, kBc, hb.q_rowpairs + w.u * kBr * Dp + f0 * Dp * 2,
-            Dp * 2, tb.dk, Dp);
+    dp_gemm(w.kn - w.k0, Dp, row_pairs(w), tb.ds_rowpairs + w.k0, 1, kBc,
+            hb.q_rowpairs + w.u * kBr * Dp + f0 * Dp * 2, Dp * 2, tb.dk + w.k0 * Dp, Dp);
   }
-  // dQ[rows [a, r1)] += dS·K over the key pairs of keys [t0, t0 + kn) (an odd kn ends with a pair
-  // whose second key no row of the tile sees: dS 0 there).
+  // dQ[rows [a, a + m)] += dS·K over the key pairs (t0 + 2f, t0 + 2f + 1) that hold keys
+  // [t0 + k0, t0 + kn) (an odd k0 starts, an odd kn ends, with a pair whose other key no row of
+  // [a, a + m) sees: dS 0 there).
   static void dq(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const char* blk,
                  const BwdTile& w) {
-    const std::int64_t Dp = p.padded_dim;
-    dp_gemm(w.m, Dp, (w.kn + 1) / 2, reinterpret_cast<const std::uint32_t*>(tb.ds_bf16), kBc / 2, 1,
-            reinterpret_cast<const std::uint16_t*>(blk + p.layout.krow_off), Dp * 2,
+    const std::int64_t Dp = p.padded_dim, f0 = w.k0 / 2;
+    dp_gemm(w.m, Dp, (w.kn + 1) / 2 - f0, reinterpret_cast<const std::uint32_t*>(tb.ds_bf16) + f0, kBc / 2, 1,
+            reinterpret_cast<const std::uint16_t*>(blk + p.layout.krow_off) + f0 * Dp * 2, Dp * 2,
             hb.dq + (w.a - p.q_first) * Dp, Dp);
   }
 };

@@ -163,11 +163,15 @@ class FlashBackwardKernel final : public BackwardKernel {
     p.kv_total = bp.kv_total;
     p.scale = bp.scale;
     p.causal = bp.causal;
+    p.window_left = bp.window_left;
+    p.window_right = bp.window_right;
     p.threads = threads;
     p.scratch = scratch;
     p.layout = sz.layout;
     p.dk_partial = bp.dk_partial;
     p.dv_partial = bp.dv_partial;
+    p.partial_head_stride =
+        bp.partial_head_stride != 0 ? bp.partial_head_stride : bp.kv_total * bp.head_dim;
     p.dk_carry = bp.dk_carry;
     p.dv_carry = bp.dv_carry;
     p.ordered_dq = bp.ordered_dq;

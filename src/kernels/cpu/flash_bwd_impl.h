@@ -1,13 +1,16 @@
 // The flash attention backward, written once over a vector-operations type V and compiled once per
 // ISA (flash_<isa>.cpp includes this inside its own namespace, after flash_impl.h, whose helpers it
-// uses: min64, last_key, find_segment, to_f32, with_rows, kBc, kBr, kLog2e; and after <sched.h>).
+// uses: min64, first_key, last_key, rows_seeing, find_segment, to_f32, with_rows, kBc, kBr, kLog2e;
+// and after <sched.h>).
 //
 // FA2-style, key-outer. For each kv head, every key tile is packed once (threads split the tiles):
 // Kᵀ and Vᵀ (streamed by S = Q·Kᵀ and dP = dO·Vᵀ) and K rows (by dQ = dS·K). For each q head, the
 // step's Q and dO rows are packed with lse·log2(e) and delta per row; then threads take key tiles t
 // in increasing order. Key tile t keeps dK and dV [64][Dp] in registers-and-L1 buffers of its
 // thread, and walks the query tiles (global tiles of kQueryTile rows counted from row 0) in
-// ascending order, skipping a tile none of whose rows sees a key of t:
+// ascending order, skipping a tile none of whose rows sees a key of t (causal and sliding-window
+// masks: work in proportion to the visible pairs); in a visited tile the products run on the rows
+// [a, b) that see some key of t (a contiguous range, flash_impl.h) and on the keys some such row sees:
 //   P  = exp2(S·scale·log2 e − lse·log2 e), 0 (stored, not multiplied) where a key is not visible
 //   dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P∘(dP − delta)·scale, 0 where P is masked
 //   dK += dSᵀ·Q;  dQ[tile rows] += dS·K
@@ -16,8 +19,9 @@
 // (BwdMicroBf16Dp in flash_avx512bf16.cpp, bf16 inputs only), which rounds P and dS to bf16 (round
 // to nearest even, once, after the fp32 dS above is formed) for dV, dK and dQ.
 // dQ is one fp32 accumulator per head shared by all threads: the contributions of a query tile are
-// added in ascending key-tile order (a ticket per query tile: the thread of key tile t waits until
-// t − 1 has added; the key tiles a query tile sees are a prefix 0..L, so tile t − 1 always adds, and
+// added in ascending key-tile order (a ticket per query tile, starting at the first key tile it
+// sees: the thread of key tile t waits until t − 1 has added; the key tiles a query tile sees are a
+// contiguous range T0..T1 (its rows' key intervals overlap or touch), so tile t − 1 always adds, and
 // it never waits on a later tile, so the chain cannot deadlock when tiles are handed out in order).
 //
 // Exactness (kernel.h): each output element of a product is one fp32 accumulator that steps over
@@ -35,10 +39,12 @@
 //   dk/dv[j]    = carry or +0, then a chain over query rows ascending (by row pairs from the tile's
 //                 first row for bf16), query tile by query tile.
 // What a product may leave out is only exact zeros: rows of a query tile that see no key of the
-// key tile (a prefix of the tile; for bf16 whole row pairs of that prefix: a pair holding its last
-// row and the first row that sees a key runs with P = dS = 0 for the former), keys of the tile no
-// row of the query tile sees (a suffix; for bf16 whole key pairs: an odd count ends with a pair
-// whose second key has dS = 0 in every row), keys past kv_total (packed as 0). Adding an exact zero
+// key tile (a prefix and, with a window, a suffix of the tile; for bf16 whole row pairs of those: a
+// pair holding a row that sees a key and one that does not runs with P = dS = 0 for the latter),
+// keys of the tile no row of [a, b) sees (a suffix and, with a window, a prefix; for bf16 dQ whole
+// key pairs: an odd end or start gives a pair whose other key has dS = 0 in every row), keys past
+// kv_total (packed as 0). A row that sees nothing of a key tile never enters its arithmetic.
+// Adding an exact zero
 // product, or a pair of them, to a chain that started from +0 (or from a carry that is itself such
 // a chain) never changes its bits for finite data (such a chain is never −0, and after a vdpbf16ps
 // step never a denormal), so the chains are those of the contract; which terms are left out, and
@@ -48,11 +54,6 @@
 //
 // Not handled (unlike the forward): non-finite inputs. A row that cannot see a key still meets it
 // in a zero product (0 · Inf = NaN) when a visible neighbour in the same tiles needs it.
-
-inline std::int64_t last_key(const BwdProblem& p, std::int64_t i) {
-  if (!p.causal) return p.kv_total - 1;
-  return min64(i + p.kv_total - p.q_total, p.kv_total - 1);
-}
 
 struct BwdBuffers {
   float* p;   // [kBr][kBc]: S, then P
@@ -221,7 +222,8 @@ inline RowRange bwd_tile_rows(const BwdProblem& p, std::int64_t u) {
   return {t * kBr < p.q_first ? p.q_first : t * kBr, min64((t + 1) * kBr, q_end)};
 }
 
-// Packs local query tile u of local head h: Q, dO, lse2, delta; zeroes dQ and the ticket.
+// Packs local query tile u of local head h: Q, dO, lse2, delta; zeroes dQ; sets the ticket to the
+// first key tile the tile's rows see (ordered dQ), or to 0 (free: the unordered lock).
 template <class Mk>
 inline void bwd_pack_query_tile(const BwdProblem& p, const BwdHead& hb, std::int64_t h, std::int64_t u) {
   const RowRange rr = bwd_tile_rows(p, u);
@@ -236,7 +238,9 @@ inline void bwd_pack_query_tile(const BwdProblem& p, const BwdHead& hb, std::int
     float* dq = hb.dq + r * Dp;
     for (std::int64_t d = 0; d < Dp; ++d) dq[d] = 0.0f;
   }
-  __atomic_store_n(bwd_ticket(hb, u), 0, __ATOMIC_RELAXED);
+  const RowSpan any = rows_seeing(p, rr.r0, rr.r1, 0, p.kv_total - 1);
+  const std::int64_t first_tile = p.ordered_dq && any.a < any.b ? first_key(p, any.a) / kBc : 0;
+  __atomic_store_n(bwd_ticket(hb, u), first_tile, __ATOMIC_RELAXED);
 }
 
 // Writes the dQ rows of local query tile u of local head h in the dtype.
@@ -248,7 +252,7 @@ inline void bwd_write_dq(const BwdProblem& p, const BwdHead& hb, std::int64_t h,
     while (i >= p.q[s].begin + p.q[s].tokens) ++s;
     const OutSegment& os = p.dq[s];
     const std::int64_t off = (i - p.q[s].begin) * os.token_stride + h * os.head_stride;
-    const bool none = last_key(p, i) < 0;
+    const bool none = first_key(p, i) > last_key(p, i);
     const float* src = hb.dq + (i - p.q_first) * Dp;
     if (p.bf16) {
       std::uint16_t* dst = static_cast<std::uint16_t*>(os.data) + off;
@@ -279,8 +283,8 @@ inline void bwd_zero_dq(const BwdProblem& p) {
 inline void bwd_partials_without_rows(const BwdProblem& p) {
   const std::int64_t n = p.kv_total * p.head_dim;
   for (std::int64_t h = 0; h < p.q_heads; ++h) {
-    float* dk = p.dk_partial + h * n;
-    float* dv = p.dv_partial + h * n;
+    float* dk = p.dk_partial + h * p.partial_head_stride;
+    float* dv = p.dv_partial + h * p.partial_head_stride;
     for (std::int64_t e = 0; e < n; ++e) {
       dk[e] = h == 0 && p.dk_carry ? p.dk_carry[e] : 0.0f;
       dv[e] = h == 0 && p.dv_carry ? p.dv_carry[e] : 0.0f;
@@ -299,10 +303,11 @@ inline void bwd_spin(unsigned& n) {
 }
 
 // What bwd_key_tile hands the products of one (query tile, key tile) pair: local query tile u with
-// the step's rows [r0, r1), of which rows [a, r1) (m of them) see some key of the key tile; keys
-// [t0, t0 + kn) of the tile are seen by some row. P and dP/dS rows start at row a (tb.p, tb.ds).
+// the step's rows [r0, r1), of which rows [a, a + m) see some key of the key tile; keys
+// [t0 + k0, t0 + kn) of the tile are seen by some of them (the others have P = dS = 0 in every
+// row). P and dP/dS rows start at row a (tb.p, tb.ds).
 struct BwdTile {
-  std::int64_t u, r0, r1, a, m, kn;
+  std::int64_t u, r0, r1, a, m, k0, kn;
 };
 
 // The five products in fp32: S = Q·Kᵀ and dP = dO·Vᵀ over Kᵀ, Vᵀ packed fp32 [D][kBc]; dV, dK and
@@ -341,26 +346,36 @@ struct BwdMicroF32 {
     gemm<V, false>(m, kBc, p.head_dim, hb.dout + (a - p.q_first) * Dp, Dp, 1,
                    reinterpret_cast<const float*>(blk + p.layout.vt_off), kBc, dP, kBc);
   }
-  // dV[keys] += Pᵀ·dO (one fma chain per element over rows [a, r1) ascending).
+  // dV[keys k0..kn) += Pᵀ·dO (one fma chain per element over rows [a, a + m) ascending).
   static void dv(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const BwdTile& w) {
     const std::int64_t Dp = p.padded_dim;
-    gemm<V, true>(w.kn, Dp, w.m, tb.p, 1, kBc, hb.dout + (w.a - p.q_first) * Dp, Dp, tb.dv, Dp);
+    gemm<V, true>(w.kn - w.k0, Dp, w.m, tb.p + w.k0, 1, kBc, hb.dout + (w.a - p.q_first) * Dp, Dp,
+                  tb.dv + w.k0 * Dp, Dp);
   }
-  // dK[keys] += dSᵀ·Q (likewise).
+  // dK[keys k0..kn) += dSᵀ·Q (likewise).
   static void dk(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const BwdTile& w) {
     const std::int64_t Dp = p.padded_dim;
-    gemm<V, true>(w.kn, Dp, w.m, tb.ds, 1, kBc, hb.q + (w.a - p.q_first) * Dp, Dp, tb.dk, Dp);
+    gemm<V, true>(w.kn - w.k0, Dp, w.m, tb.ds + w.k0, 1, kBc, hb.q + (w.a - p.q_first) * Dp, Dp,
+                  tb.dk + w.k0 * Dp, Dp);
   }
-  // dQ[rows [a, r1)] += dS·K (one fma chain per element over keys [t0, t0 + kn) ascending).
+  // dQ[rows [a, a + m)] += dS·K (one fma chain per element over keys [t0 + k0, t0 + kn) ascending).
   static void dq(const BwdProblem& p, const BwdHead& hb, const BwdBuffers& tb, const char* blk,
                  const BwdTile& w) {
     const std::int64_t Dp = p.padded_dim;
-    gemm<V, true>(w.m, Dp, w.kn, tb.ds, kBc, 1, reinterpret_cast<const float*>(blk + p.layout.krow_off),
-                  Dp, hb.dq + (w.a - p.q_first) * Dp, Dp);
+    gemm<V, true>(w.m, Dp, w.kn - w.k0, tb.ds + w.k0, kBc, 1,
+                  reinterpret_cast<const float*>(blk + p.layout.krow_off) + w.k0 * Dp, Dp,
+                  hb.dq + (w.a - p.q_first) * Dp, Dp);
   }
 };
 
 // ---- one key tile ------------------------------------------------------------------------------
+
+// Zeroes the entries of a P or dS row (global row i, key tile at t0) for keys the row cannot see.
+inline void mask_row(const BwdProblem& p, std::int64_t i, std::int64_t t0, float* s) {
+  const std::int64_t lo = min64(first_key(p, i) - t0, kBc);
+  for (std::int64_t c = 0; c < lo; ++c) s[c] = 0.0f;
+  for (std::int64_t c = last_key(p, i) - t0 + 1; c < kBc; ++c) s[c] = 0.0f;
+}
 
 template <class V, class Mk>
 inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHead& hb, std::int64_t h,
@@ -368,7 +383,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
   using F = typename V::F;
   constexpr int NV = static_cast<int>(kBc / V::W);
   const std::int64_t D = p.head_dim, Dp = p.padded_dim;
-  const std::int64_t t0 = t * kBc, nk = min64(kBc, p.kv_total - t0);
+  const std::int64_t t0 = t * kBc, nk = min64(kBc, p.kv_total - t0), te = t0 + nk - 1;
   const char* blk = p.scratch + p.layout.kv_packed + static_cast<std::size_t>(t) * p.layout.kv_tile_bytes;
 
   // dK, dV of keys [t0, t0 + nk): carry (local head 0) or +0.
@@ -393,13 +408,15 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
   const float scale2 = p.scale * kLog2e;
   for (std::int64_t u = 0; u < n_qt; ++u) {
     const RowRange rr = bwd_tile_rows(p, u);
-    const std::int64_t last = last_key(p, rr.r1 - 1);  // the tile's last row sees the most keys
-    if (last < t0) continue;                           // no row of the tile sees a key of t
-    std::int64_t a = rr.r0;                            // rows [a, r1) see some key of t
-    while (last_key(p, a) < t0) ++a;
-    const std::int64_t m = rr.r1 - a;
-    const std::int64_t kn = min64(nk, last - t0 + 1);  // keys [t0, t0 + kn): seen by some row
-    const BwdTile w{u, rr.r0, rr.r1, a, m, kn};
+    // first_key and last_key are non-decreasing in the row: no row of the tile sees a key of t.
+    if (last_key(p, rr.r1 - 1) < t0 || first_key(p, rr.r0) > te) continue;
+    const RowSpan rs = rows_seeing(p, rr.r0, rr.r1, t0, te);  // rows [a, b) see some key of t
+    if (rs.a >= rs.b) continue;
+    const std::int64_t a = rs.a, m = rs.b - rs.a;
+    // Keys [t0 + k0, t0 + kn): seen by some row of [a, b).
+    const std::int64_t k0 = first_key(p, a) > t0 ? first_key(p, a) - t0 : 0;
+    const std::int64_t kn = min64(nk, last_key(p, rs.b - 1) - t0 + 1);
+    const BwdTile w{u, rr.r0, rr.r1, a, m, k0, kn};
     const float* lse2 = hb.lse2 + (a - p.q_first);
     const float* delta = hb.delta + (a - p.q_first);
 
@@ -413,7 +430,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
 #pragma GCC unroll 16
         for (int c = 0; c < NV; ++c)
           V::store(s + c * V::W, V::exp2(V::sub(V::mul(V::load(s + c * V::W), sc), l)));
-        for (std::int64_t c = last_key(p, a + r) - t0 + 1; c < kBc; ++c) s[c] = 0.0f;
+        mask_row(p, a + r, t0, s);
       }
     }
     // dV[keys] += Pᵀ·dO (chain over the tile's rows).
@@ -430,7 +447,7 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
         for (int c = 0; c < NV; ++c)
           V::store(s + c * V::W,
                    V::mul(V::mul(V::load(pr + c * V::W), V::sub(V::load(s + c * V::W), dl)), sc));
-        for (std::int64_t c = last_key(p, a + r) - t0 + 1; c < kBc; ++c) s[c] = 0.0f;
+        mask_row(p, a + r, t0, s);
       }
     }
     // dK[keys] += dSᵀ·Q (chain over the tile's rows).
@@ -447,8 +464,8 @@ inline void bwd_key_tile(const BwdProblem& p, const BwdBuffers& tb, const BwdHea
     __atomic_store_n(ticket, p.ordered_dq ? t + 1 : 0, __ATOMIC_RELEASE);
   }
 
-  float* dk_out = p.dk_partial + (h * p.kv_total + t0) * D;
-  float* dv_out = p.dv_partial + (h * p.kv_total + t0) * D;
+  float* dk_out = p.dk_partial + h * p.partial_head_stride + t0 * D;
+  float* dv_out = p.dv_partial + h * p.partial_head_stride + t0 * D;
   for (std::int64_t c = 0; c < nk; ++c)
     for (std::int64_t d = 0; d < D; ++d) {
       dk_out[c * D + d] = tb.dk[c * Dp + d];
@@ -471,6 +488,9 @@ void run_flash_bwd(const BwdProblem& p) {
   }
   const std::int64_t n_qt = (p.q_first + p.q_count - 1) / kBr - p.q_first / kBr + 1;
   const std::int64_t n_kt = (p.kv_total + kBc - 1) / kBc;
+  // Key tiles outside [seen.lo, seen.hi) are seen by no row of the step: not packed (their partials are
+  // the carry or 0).
+  const KeyTiles seen = key_tiles_seen(p);
   const BwdHead hb = bwd_head_buffers(p);
   const int threads = p.threads < 1 ? 1 : p.threads;
   (void)threads;
@@ -487,7 +507,7 @@ void run_flash_bwd(const BwdProblem& p) {
       const std::int64_t h_end = min64(p.q_heads, (g + 1) * p.group - p.q_head_begin);
       const std::int64_t kvh = g - p.kv_head_begin;
 #pragma omp for schedule(static)
-      for (std::int64_t t = 0; t < n_kt; ++t)
+      for (std::int64_t t = seen.lo; t < seen.hi; ++t)
         Mk::pack_kv(p, kvh, t,
                     p.scratch + p.layout.kv_packed + static_cast<std::size_t>(t) * p.layout.kv_tile_bytes);
       for (std::int64_t hh = h; hh < h_end; ++hh) {

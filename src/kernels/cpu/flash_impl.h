@@ -9,19 +9,24 @@
 //   m' = max(m, rowmax S); α = 2^(m−m'); P = 2^(S−m'); l = α·l + ΣP; O = α·O + P·V
 // Every row's arithmetic (dot products in d order, P·V in key order, fixed-shape vector reductions)
 // depends only on that row, the global key tile and Traits — never on the other rows of its tile,
-// the segments or the threads. A key tile a row cannot see is skipped for that row entirely.
+// the segments or the threads. A row sees the keys [first_key, last_key] (causal and sliding-window
+// masks); a key tile it sees nothing of is skipped for that row entirely (the rows of a query tile
+// that see some key of a key tile are a contiguous range, the only rows the tile's products run
+// on), so each row's online softmax starts at its own first visible tile with m = −inf, l = 0 and
+// never meets a tile whose scores are all masked (no −inf − −inf). A query tile visits only the key
+// tiles its rows see: work in proportion to the window, not to the sequence.
 //
 // Non-finite values: packing also flags every key tile whose K holds a non-finite value; in such a
 // tile a row with a non-finite visible score gets row sum NaN (so its output and lse are NaN, as in
 // the reference; the vector exp2 would map a NaN score to 0). Scores that overflow from finite
 // inputs are not searched for: such a row comes out NaN through inf − inf.
 // P·V runs over all 64 keys of a tile with P = 0 for keys a row cannot see
-// (causal diagonal tiles, the zero-padded tail), and 0 · Inf = NaN. So packing flags every key tile
-// whose V holds a non-finite value, and in a flagged tile a row that sees only a prefix of the keys
-// takes Mk::pv_prefix, which stops at its last visible key. The flag depends only on the global key
-// tile's content, so the choice (and each row's arithmetic) still depends only on the row and
-// global key positions; and for finite data both paths give the same values (they differ only by
-// additions of P = 0 terms).
+// (causal diagonal tiles, window edges, the zero-padded tail), and 0 · Inf = NaN. So packing flags
+// every key tile whose V holds a non-finite value, and in a flagged tile a row that sees only part
+// of the keys takes Mk::pv_range, which runs over its visible keys only. The flag depends only on
+// the global key tile's content, so the choice (and each row's arithmetic) still depends only on
+// the row and global key positions; and for finite data both paths give the same values (they
+// differ only by additions of P = 0 terms).
 constexpr std::int64_t kBc = Traits::kKeyTile;
 constexpr std::int64_t kBr = Traits::kQueryTile;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -29,10 +34,46 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 inline std::int64_t min64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
-// Last key global query row i may see; -1 if none (same convention as kernel.h).
-inline std::int64_t last_key(const Problem& p, std::int64_t i) {
-  if (!p.causal) return p.kv_total - 1;
-  return min64(i + p.kv_total - p.q_total, p.kv_total - 1);
+// First and last key global query row i may see (kernel.h's first_visible_key and
+// last_visible_key, repeated: see flash_problem.h); first > last when none. P is Problem or
+// BwdProblem. Both are non-decreasing in i, and the rows that see no key are a prefix (last < 0)
+// and a suffix (first >= kv_total).
+template <class P>
+inline std::int64_t first_key(const P& p, std::int64_t i) {
+  const std::int64_t aligned = i + p.kv_total - p.q_total;
+  if (p.window_left < 0 || aligned <= p.window_left) return 0;
+  return aligned - p.window_left;
+}
+template <class P>
+inline std::int64_t last_key(const P& p, std::int64_t i) {
+  const std::int64_t right = p.causal ? 0 : p.window_right;
+  if (right < 0 || right >= p.q_total - i) return p.kv_total - 1;
+  return i + p.kv_total - p.q_total + right;
+}
+
+// The rows of [r0, r1) that see some key of [k0, k1] (0 <= k0 <= k1 < kv_total): those with
+// last_key >= k0 and first_key <= k1, a contiguous range [a, b) by the monotonicity above.
+struct RowSpan {
+  std::int64_t a, b;
+};
+template <class P>
+inline RowSpan rows_seeing(const P& p, std::int64_t r0, std::int64_t r1, std::int64_t k0,
+                           std::int64_t k1) {
+  std::int64_t a = r0, b = r1;
+  while (a < b && last_key(p, a) < k0) ++a;
+  while (b > a && first_key(p, b - 1) > k1) --b;
+  return {a, b};
+}
+
+// The key tiles [lo, hi) that some row of the call [q_first, q_first + q_count) sees.
+struct KeyTiles {
+  std::int64_t lo, hi;
+};
+template <class P>
+inline KeyTiles key_tiles_seen(const P& p) {
+  const RowSpan any = rows_seeing(p, p.q_first, p.q_first + p.q_count, 0, p.kv_total - 1);
+  if (any.a >= any.b) return {0, 0};
+  return {first_key(p, any.a) / kBc, last_key(p, any.b - 1) / kBc + 1};
 }
 
 // Index of the segment that holds global token i (segments are few: one per rank).
@@ -142,13 +183,14 @@ inline void with_rows(std::int64_t rows, Fn&& f) {
   }
 }
 
-// O[0, W) = α·O + Σ_{j<n} P[j] · V[j][·] for one row: pv_block's per-lane arithmetic, first n keys.
+// O[0, W) = α·O + Σ_{lo<=j<hi} P[j] · V[j][·] for one row: pv_block's per-lane arithmetic, keys
+// [lo, hi) only.
 template <class V>
-inline void pv_prefix_vec(const float* P, const float* v, std::int64_t Dp, float* o, float alpha,
-                          std::int64_t n) {
+inline void pv_range_vec(const float* P, const float* v, std::int64_t Dp, float* o, float alpha,
+                         std::int64_t lo, std::int64_t hi) {
   using F = typename V::F;
   F acc = V::mul(V::load(o), V::set1(alpha));
-  for (std::int64_t j = 0; j < n; ++j) acc = V::fma(V::set1(P[j]), V::load(v + j * Dp), acc);
+  for (std::int64_t j = lo; j < hi; ++j) acc = V::fma(V::set1(P[j]), V::load(v + j * Dp), acc);
   V::store(o, acc);
 }
 
@@ -244,13 +286,13 @@ struct MicroF32 {
       });
   }
 
-  // Row r of P·V over the tile's first n keys only (see "Non-finite values" above).
-  static void pv_prefix(const Problem& p, const float* S, const std::uint16_t*, const char* vt,
-                        float* O, const float* alpha, std::int64_t r, std::int64_t n) {
+  // Row r of P·V over the tile's keys [lo, hi) only (see "Non-finite values" above).
+  static void pv_range(const Problem& p, const float* S, const std::uint16_t*, const char* vt,
+                       float* O, const float* alpha, std::int64_t r, std::int64_t lo, std::int64_t hi) {
     const std::int64_t Dp = p.padded_dim;
     const auto* v = reinterpret_cast<const float*>(vt);
     for (std::int64_t c = 0; c < Dp; c += V::W)
-      pv_prefix_vec<V>(S + r * kBc, v + c, Dp, O + r * Dp + c, alpha[r], n);
+      pv_range_vec<V>(S + r * kBc, v + c, Dp, O + r * Dp + c, alpha[r], lo, hi);
   }
 };
 
@@ -294,20 +336,30 @@ inline float exp2_scalar(float x) {
   return lanes[0];
 }
 
-// Online-softmax update of rows [a, nr) of a query tile for the key tile starting at t0.
+// The keys of the tile at t0 that global row i sees: [lo, hi), non-empty for a row that sees the tile.
+struct KeySpan {
+  std::int64_t lo, hi;
+};
+inline KeySpan tile_keys(const Problem& p, std::int64_t i, std::int64_t t0) {
+  const std::int64_t lo = first_key(p, i) - t0, hi = last_key(p, i) - t0 + 1;
+  return {lo > 0 ? lo : 0, min64(hi, kBc)};
+}
+
+// Online-softmax update of rows [a, b) of a query tile (each sees some key of the tile at t0).
 template <class V, class Mk>
 inline void softmax_rows(const Problem& p, const ThreadBuffers& tb, std::int64_t r0,
-                         std::int64_t t0, std::int64_t a, std::int64_t nr, bool k_bad) {
+                         std::int64_t t0, std::int64_t a, std::int64_t b, bool k_bad) {
   using F = typename V::F;
   constexpr int NV = static_cast<int>(kBc / V::W);
-  for (std::int64_t r = a; r < nr; ++r) {
+  for (std::int64_t r = a; r < b; ++r) {
     float* s = tb.scores + r * kBc;
-    const std::int64_t visible = last_key(p, r0 + r) - t0 + 1;  // >= 1 for an active row
+    const KeySpan ks = tile_keys(p, r0 + r, t0);  // non-empty: tile_max below is a visible score
     // A NaN/Inf score (K holds NaN/Inf in this tile) makes the row NaN: exp2 below maps NaN to 0.
     bool nan_row = false;
     if (k_bad)
-      for (std::int64_t c = 0; c < visible && c < kBc; ++c) nan_row |= !(s[c] - s[c] == 0.0f);
-    for (std::int64_t c = visible; c < kBc; ++c) s[c] = -__builtin_inff();
+      for (std::int64_t c = ks.lo; c < ks.hi; ++c) nan_row |= !(s[c] - s[c] == 0.0f);
+    for (std::int64_t c = 0; c < ks.lo; ++c) s[c] = -__builtin_inff();
+    for (std::int64_t c = ks.hi; c < kBc; ++c) s[c] = -__builtin_inff();
     F mx = V::load(s);
 #pragma GCC unroll 16
     for (int c = 1; c < NV; ++c) mx = V::max(mx, V::load(s + c * V::W));
@@ -341,7 +393,7 @@ inline void write_rows(const Problem& p, const ThreadBuffers& tb, std::int64_t h
     const OutSegment& os = p.out[s];
     const std::int64_t t = i - p.q[s].begin;
     const std::int64_t off = t * os.token_stride + h * os.head_stride;
-    const bool none = last_key(p, i) < 0;
+    const bool none = first_key(p, i) > last_key(p, i);
     const float inv = none ? 0.0f : 1.0f / tb.row_sum[r];
     const float* o = tb.acc + r * Dp;
     if (p.bf16) {
@@ -363,9 +415,10 @@ void attend_tile(const Problem& p, const ThreadBuffers& tb, const char* kpack, c
                  const unsigned char* v_bad, std::int64_t h, std::int64_t qtile) {
   const std::int64_t r0 = p.q_first + qtile * kBr, nr = min64(kBr, p.q_first + p.q_count - r0);
   const std::int64_t Dp = p.padded_dim;
-  const std::int64_t last = last_key(p, r0 + nr - 1);  // the tile's last row sees the most keys
-  std::int64_t a = 0;  // rows [0, a) see no key of the current tile (causal: a suffix is active)
-  if (last >= 0) {
+  // Rows that see any key, and the keys they see together: [first of the first, last of the last]
+  // (consecutive rows' intervals overlap or touch).
+  const RowSpan any = rows_seeing(p, r0, r0 + nr, 0, p.kv_total - 1);
+  if (any.a < any.b) {
     Mk::pack_q(p, h, r0, nr, tb.q_tile);
     for (std::int64_t r = 0; r < nr; ++r) {
       tb.row_max[r] = -__builtin_inff();
@@ -373,20 +426,33 @@ void attend_tile(const Problem& p, const ThreadBuffers& tb, const char* kpack, c
       for (std::int64_t d = 0; d < Dp; ++d) tb.acc[r * Dp + d] = 0.0f;
     }
     const float scale = p.scale * kLog2e;
-    for (std::int64_t t = 0, t0 = 0; t0 <= last; ++t, t0 += kBc) {
-      while (a < nr && last_key(p, r0 + a) < t0) ++a;
+    const std::int64_t last = last_key(p, any.b - 1);
+    for (std::int64_t t = first_key(p, any.a) / kBc, t0 = t * kBc; t0 <= last; ++t, t0 += kBc) {
+      // Rows [a, b) see some key of this tile; the others skip it entirely.
+      const RowSpan rs = rows_seeing(p, r0, r0 + nr, t0, min64(t0 + kBc, p.kv_total) - 1);
+      const std::int64_t a = rs.a - r0, b = rs.b - r0;
+      if (a >= b) continue;
       const char* kt = kpack + static_cast<std::size_t>(t) * p.layout.k_tile_bytes;
       const char* vt = vpack + static_cast<std::size_t>(t) * p.layout.v_tile_bytes;
-      Mk::qk(p, tb.q_tile, kt, tb.scores, a, nr, scale);
-      softmax_rows<V, Mk>(p, tb, r0, t0, a, nr, (v_bad[t] & 2) != 0);
-      std::int64_t b = a;  // rows [a, b) see only a prefix of this tile
-      if (v_bad[t] & 1)
-        while (b < nr && last_key(p, r0 + b) - t0 + 1 < kBc) {
-          Mk::pv_prefix(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, b,
-                        last_key(p, r0 + b) - t0 + 1);
-          ++b;
+      Mk::qk(p, tb.q_tile, kt, tb.scores, a, b, scale);
+      softmax_rows<V, Mk>(p, tb, r0, t0, a, b, (v_bad[t] & 2) != 0);
+      if (!(v_bad[t] & 1)) {
+        Mk::pv(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, a, b);
+        continue;
+      }
+      // Non-finite V: rows that see only part of the tile take pv_range; the rows that see all of
+      // it (first_key <= t0, last_key >= t0 + kBc - 1) are contiguous, [f0, f1), and take pv.
+      std::int64_t f0 = b, f1 = b;
+      for (std::int64_t r = a; r < b; ++r) {
+        const KeySpan ks = tile_keys(p, r0 + r, t0);
+        if (ks.lo == 0 && ks.hi == kBc) {
+          f0 = f0 == b ? r : f0;
+          f1 = r + 1;
+        } else {
+          Mk::pv_range(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, r, ks.lo, ks.hi);
         }
-      Mk::pv(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, b, nr);
+      }
+      Mk::pv(p, tb.scores, tb.p_bf16, vt, tb.acc, tb.alpha, f0, f1);
     }
   }
   write_rows(p, tb, h, r0, nr);
@@ -396,7 +462,8 @@ template <class V, class Mk>
 void run_flash(const Problem& p) {
   if (p.q_heads == 0 || p.q_count == 0) return;
   const std::int64_t n_qt = (p.q_count + kBr - 1) / kBr;
-  const std::int64_t n_kt = (p.kv_total + kBc - 1) / kBc;
+  // Only the key tiles some row of the call sees are packed (with a window: a band of them).
+  const KeyTiles seen = key_tiles_seen(p);
   char* kpack = p.scratch + p.layout.k_packed;
   char* vpack = p.scratch + p.layout.v_packed;
   auto* v_bad = reinterpret_cast<unsigned char*>(p.scratch + p.layout.v_bad);
@@ -415,13 +482,13 @@ void run_flash(const Problem& p) {
       const std::int64_t h_end = min64(p.q_heads, (g + 1) * p.group - p.q_head_begin);
       const std::int64_t kvh = g - p.kv_head_begin;
 #pragma omp for schedule(static)
-      for (std::int64_t t = 0; t < n_kt; ++t)
+      for (std::int64_t t = seen.lo; t < seen.hi; ++t)
         Mk::pack_kv(p, kvh, t, kpack + static_cast<std::size_t>(t) * p.layout.k_tile_bytes,
                     vpack + static_cast<std::size_t>(t) * p.layout.v_tile_bytes);
       // (a separate loop: the packing loop's shape is what the benchmarks measured)
 #pragma omp for schedule(static)
-      for (std::int64_t t = 0; t < n_kt; ++t) v_bad[t] = kv_tile_flags(p, kvh, t);
-      // Largest items first (causal: the last query tiles see the most keys).
+      for (std::int64_t t = seen.lo; t < seen.hi; ++t) v_bad[t] = kv_tile_flags(p, kvh, t);
+      // Largest items first (causal: the last query tiles see the most keys; a window: all alike).
       const std::int64_t items = (h_end - h) * n_qt;
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t w = 0; w < items; ++w)

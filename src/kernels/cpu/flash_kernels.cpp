@@ -116,6 +116,8 @@ class FlashKernel final : public AttentionKernel {
     p.kv_total = kp.kv_total;
     p.scale = kp.scale;
     p.causal = kp.causal;
+    p.window_left = kp.window_left;
+    p.window_right = kp.window_right;
     p.threads = threads;
     p.scratch = scratch;
     p.layout = sz.layout;

@@ -68,6 +68,7 @@ struct Problem {
   std::int64_t q_total = 0, kv_total = 0;  // global counts
   float scale = 1.0f;
   bool causal = false;
+  std::int64_t window_left = -1, window_right = -1;  // as KernelProblem (negative: unbounded)
   int threads = 1;
   char* scratch = nullptr;
   ScratchLayout layout;
@@ -125,11 +126,13 @@ struct BwdProblem {
   std::int64_t q_total = 0, kv_total = 0;  // global counts
   float scale = 1.0f;
   bool causal = false;
+  std::int64_t window_left = -1, window_right = -1;  // as BackwardProblem (negative: unbounded)
   int threads = 1;
   char* scratch = nullptr;
   BwdScratchLayout layout;
-  float* dk_partial = nullptr;  // [q_heads][kv_total][head_dim]
+  float* dk_partial = nullptr;  // [q_heads][kv_total][head_dim], heads partial_head_stride apart
   float* dv_partial = nullptr;
+  std::int64_t partial_head_stride = 0;  // floats (never 0 here: the wrapper resolves the default)
   const float* dk_carry = nullptr;  // [kv_total][head_dim] or null (local head 0 only)
   const float* dv_carry = nullptr;
   bool ordered_dq = true;  // false: dQ contributions in arrival order (benchmarks only)

@@ -42,9 +42,10 @@ Scratch carve(const KernelProblem& p) {
   return s;
 }
 
-void attend_row(const float* q, std::int64_t last_key, std::int64_t D, float scale,
-                const Scratch& s, float* out, float* lse) {
-  if (last_key < 0) {
+// Keys [first_key, last_key] of the row, in the global key tiles they meet.
+void attend_row(const float* q, std::int64_t first_key, std::int64_t last_key, std::int64_t D,
+                float scale, const Scratch& s, float* out, float* lse) {
+  if (first_key > last_key) {
     std::fill(out, out + D, 0.0f);
     if (lse) *lse = -std::numeric_limits<float>::infinity();
     return;
@@ -52,23 +53,24 @@ void attend_row(const float* q, std::int64_t last_key, std::int64_t D, float sca
   float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
   float* acc = s.acc;
   std::fill(acc, acc + D, 0.0f);
-  for (std::int64_t t0 = 0; t0 <= last_key; t0 += kKeyTile) {
+  for (std::int64_t t0 = first_key / kKeyTile * kKeyTile; t0 <= last_key; t0 += kKeyTile) {
+    const std::int64_t c0 = std::max<std::int64_t>(first_key - t0, 0);
     const std::int64_t n = std::min(kKeyTile, last_key + 1 - t0);
     float tile_max = -std::numeric_limits<float>::infinity();
-    for (std::int64_t c = 0; c < n; ++c) {
+    for (std::int64_t c = c0; c < n; ++c) {
       s.scores[c] = dot(q, s.krow[t0 + c], D) * scale;
       tile_max = std::max(tile_max, s.scores[c]);
     }
     const float m_new = std::max(m, tile_max);
     const float alpha = std::exp(m - m_new);
     float sum = 0.0f;
-    for (std::int64_t c = 0; c < n; ++c) {
+    for (std::int64_t c = c0; c < n; ++c) {
       s.scores[c] = std::exp(s.scores[c] - m_new);
       sum += s.scores[c];
     }
     l = l * alpha + sum;
     for (std::int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-    for (std::int64_t c = 0; c < n; ++c) {
+    for (std::int64_t c = c0; c < n; ++c) {
       const float pc = s.scores[c];
       const float* vr = s.vrow[t0 + c];
       for (std::int64_t d = 0; d < D; ++d) acc[d] += pc * vr[d];
@@ -111,8 +113,10 @@ class TiledF32Kernel final : public AttentionKernel {
           const float* qr = static_cast<const float*>(qs.data) + t * qs.token_stride +
                             h * qs.head_stride;
           float* o = static_cast<float*>(os.data) + t * os.token_stride + h * os.head_stride;
-          attend_row(qr, last_visible_key(row0 + t, p.q_total, p.kv_total, p.causal),
-                     p.head_dim, p.scale, s, o, os.lse ? os.lse + t * os.lse_token_stride + h : nullptr);
+          const std::int64_t i = row0 + t;
+          attend_row(qr, first_visible_key(i, p.q_total, p.kv_total, p.window_left),
+                     last_visible_key(i, p.q_total, p.kv_total, p.causal, p.window_right), p.head_dim,
+                     p.scale, s, o, os.lse ? os.lse + t * os.lse_token_stride + h : nullptr);
         }
         row0 += qs.tokens;
       }

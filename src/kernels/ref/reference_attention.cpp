@@ -8,22 +8,22 @@
 namespace uaa::detail {
 namespace {
 
-// One (head, query row): scores in double, exact max subtraction, double sums.
-// `key(j)` / `val(j)` give pointers to key/value row j (global position).
+// One (head, query row) over its visible keys [first_key, last_key]: scores in double, exact max
+// subtraction, double sums. `key(j)` / `val(j)` give pointers to key/value row j (global position).
 template <typename KeyRow, typename ValRow>
-void reference_row(const float* q, std::int64_t last_key, std::int64_t D, double scale,
-                   KeyRow key, ValRow val, std::vector<double>& scores, double* out,
+void reference_row(const float* q, std::int64_t first_key, std::int64_t last_key, std::int64_t D,
+                   double scale, KeyRow key, ValRow val, std::vector<double>& scores, double* out,
                    double* lse) {
-  if (last_key < 0) {
+  if (first_key > last_key) {
     for (std::int64_t d = 0; d < D; ++d) out[d] = 0.0;
     if (lse) *lse = -std::numeric_limits<double>::infinity();
     return;
   }
-  const std::int64_t n = last_key + 1;
+  const std::int64_t n = last_key - first_key + 1;
   scores.resize(n);
   double m = -std::numeric_limits<double>::infinity();
   for (std::int64_t j = 0; j < n; ++j) {
-    const float* kr = key(j);
+    const float* kr = key(first_key + j);
     double s = 0.0;
     for (std::int64_t d = 0; d < D; ++d) s += static_cast<double>(q[d]) * kr[d];
     scores[j] = s * scale;
@@ -34,7 +34,7 @@ void reference_row(const float* q, std::int64_t last_key, std::int64_t D, double
   for (std::int64_t j = 0; j < n; ++j) {
     const double p = std::exp(scores[j] - m);
     l += p;
-    const float* vr = val(j);
+    const float* vr = val(first_key + j);
     for (std::int64_t d = 0; d < D; ++d) out[d] += p * vr[d];
   }
   for (std::int64_t d = 0; d < D; ++d) out[d] /= l;
@@ -84,7 +84,9 @@ class ReferenceKernel final : public AttentionKernel {
           const float* qr = static_cast<const float*>(qs.data) + t * qs.token_stride +
                             h * qs.head_stride;
           double lse = 0;
-          reference_row(qr, last_visible_key(row0 + t, p.q_total, p.kv_total, p.causal), D,
+          const std::int64_t i = row0 + t;
+          reference_row(qr, first_visible_key(i, p.q_total, p.kv_total, p.window_left),
+                        last_visible_key(i, p.q_total, p.kv_total, p.causal, p.window_right), D,
                         p.scale, [&](std::int64_t j) { return krow[j]; },
                         [&](std::int64_t j) { return vrow[j]; }, scores, out.data(), &lse);
           float* o = static_cast<float*>(os.data) + t * os.token_stride + h * os.head_stride;
@@ -106,14 +108,16 @@ const AttentionKernel& reference_kernel() {
 
 void reference_attention(const float* q, const float* k, const float* v, std::int64_t Sq,
                          std::int64_t Skv, std::int64_t Hq, std::int64_t Hkv, std::int64_t D,
-                         float scale, bool causal, double* out, double* lse) {
+                         float scale, bool causal, double* out, double* lse,
+                         std::int64_t window_left, std::int64_t window_right) {
   const std::int64_t group = Hq / Hkv;
   std::vector<double> scores;
   for (std::int64_t h = 0; h < Hq; ++h) {
     const std::int64_t kvh = h / group;
     for (std::int64_t i = 0; i < Sq; ++i) {
       reference_row(
-          q + (i * Hq + h) * D, last_visible_key(i, Sq, Skv, causal), D, scale,
+          q + (i * Hq + h) * D, first_visible_key(i, Sq, Skv, window_left),
+          last_visible_key(i, Sq, Skv, causal, window_right), D, scale,
           [&](std::int64_t j) { return k + (j * Hkv + kvh) * D; },
           [&](std::int64_t j) { return v + (j * Hkv + kvh) * D; }, scores,
           out + (i * Hq + h) * D, lse ? lse + i * Hq + h : nullptr);

@@ -16,7 +16,8 @@ namespace uaa::detail {
 void reference_attention_backward(const float* q, const float* k, const float* v,
                                   const float* dout, std::int64_t Sq, std::int64_t Skv,
                                   std::int64_t Hq, std::int64_t Hkv, std::int64_t D, float scale,
-                                  bool causal, double* dq, double* dk, double* dv) {
+                                  bool causal, double* dq, double* dk, double* dv,
+                                  std::int64_t window_left, std::int64_t window_right) {
   std::fill(dq, dq + Sq * Hq * D, 0.0);
   std::fill(dk, dk + Skv * Hkv * D, 0.0);
   std::fill(dv, dv + Skv * Hkv * D, 0.0);
@@ -26,12 +27,13 @@ void reference_attention_backward(const float* q, const float* k, const float* v
   std::vector<double> p, dp, o(D);
   for (std::int64_t h = 0; h < Hq; ++h) {
     const std::int64_t kvh = h / group;
-    auto krow = [&](std::int64_t j) { return k + (j * Hkv + kvh) * D; };
-    auto vrow = [&](std::int64_t j) { return v + (j * Hkv + kvh) * D; };
     for (std::int64_t i = 0; i < Sq; ++i) {
-      const std::int64_t last = last_visible_key(i, Sq, Skv, causal);
-      if (last < 0) continue;
-      const std::int64_t n = last + 1;
+      // Keys [j0, j0 + n): the row's visible keys; index j below is relative to j0.
+      const std::int64_t j0 = first_visible_key(i, Sq, Skv, window_left);
+      const std::int64_t n = last_visible_key(i, Sq, Skv, causal, window_right) - j0 + 1;
+      if (n <= 0) continue;
+      auto krow = [&](std::int64_t j) { return k + ((j0 + j) * Hkv + kvh) * D; };
+      auto vrow = [&](std::int64_t j) { return v + ((j0 + j) * Hkv + kvh) * D; };
       const float* qr = q + (i * Hq + h) * D;
       const float* gr = dout + (i * Hq + h) * D;
       p.resize(n);
@@ -65,14 +67,14 @@ void reference_attention_backward(const float* q, const float* k, const float* v
         double s = 0.0;
         for (std::int64_t d = 0; d < D; ++d) s += static_cast<double>(gr[d]) * vr[d];
         dp[j] = p[j] * (s - delta) * sc;
-        double* dvr = dv + (j * Hkv + kvh) * D;
+        double* dvr = dv + ((j0 + j) * Hkv + kvh) * D;
         for (std::int64_t d = 0; d < D; ++d) dvr[d] += p[j] * gr[d];
       }
       // dQ = dS·K, dK += dSᵀ·Q.
       double* dqr = dq + (i * Hq + h) * D;
       for (std::int64_t j = 0; j < n; ++j) {
         const float* kr = krow(j);
-        double* dkr = dk + (j * Hkv + kvh) * D;
+        double* dkr = dk + ((j0 + j) * Hkv + kvh) * D;
         for (std::int64_t d = 0; d < D; ++d) {
           dqr[d] += dp[j] * kr[d];
           dkr[d] += dp[j] * qr[d];

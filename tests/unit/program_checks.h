@@ -16,7 +16,9 @@
 //                by at most the 64-byte alignment of each area (uaa: 5 in, 6 out; padded: 3 and 2
 //                per block; allgather_kv: 2 in);
 //   [compute]    kernel contract of a step: key segments cover kv_total, staging pitches hold the
-//                heads read, uaa rows start on the query-row granule;
+//                heads read, uaa rows start on the query-row granule (counted from the document's
+//                start); document spans partition the segments in document order;
+//   [batch]      batched geometries: no caller-tensor place of a part or step spans two sequences;
 //   [bytes]      bytes_sent()/bytes_received() are the sums over parts to/from other ranks, and the
 //                strategy's independently derived counts;
 //   [strategy]   what the strategy promises (uaa: never to itself; padded: every block travels,
@@ -30,15 +32,17 @@
 // (Slot::pad), kUnset for bytes nobody wrote. Caller tensors use deliberately non-dense layouts
 // (padded token strides, head-major), which a program never sees: it names (token, head) only.
 // The `in` exchange copies every part from the sender's src to the receiver's dst; each compute
-// step is checked against the kernel contract (its query rows, read in order from q_first, hold
-// the global rows whose causal horizon the kernel derives from its q_total/kv_total; its key
-// positions 0..kv_total-1 hold global keys 0..kv_total-1 of the kv heads its q heads read); it then
+// step (each document span of it) is checked against the kernel contract (its query rows, read in
+// order from q_first, hold the global rows whose visible keys (causal, window, document) the kernel
+// derives from its q_total/kv_total; its key positions 0..kv_total-1 hold the global keys from the
+// span's kv_first of the kv heads its q heads read); it then
 // writes every output row with the provenance of the query row it computed (zeros in: padding
 // out); the `out` exchange copies; every rank's out and lse must hold its own rows, each written
 // once.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <exception>
 #include <set>
@@ -64,6 +68,15 @@ inline std::string geometry_str(const detail::Geometry& g) {
   for (std::size_t i = 0; i < g.kv_lens.size(); ++i) os << (i ? " " : "") << g.kv_lens[i];
   os << "] heads " << g.q_heads << "/" << g.kv_heads << " D " << g.head_dim << " elem "
      << g.elem_bytes << (g.causal ? " causal" : "") << (g.with_lse ? " lse" : "");
+  if (g.batch > 1) os << " batch " << g.batch;
+  if (g.window_left >= 0 || g.window_right >= 0) os << " window " << g.window_left << "," << g.window_right;
+  if (g.q_doc_start.size() > 2) {
+    os << " docs q [";
+    for (std::size_t i = 0; i < g.q_doc_start.size(); ++i) os << (i ? " " : "") << g.q_doc_start[i];
+    os << "] kv [";
+    for (std::size_t i = 0; i < g.kv_doc_start.size(); ++i) os << (i ? " " : "") << g.kv_doc_start[i];
+    os << "]";
+  }
   return os.str();
 }
 
@@ -73,16 +86,7 @@ inline std::int64_t sum_of(const std::vector<std::int64_t>& v) {
   return s;
 }
 
-inline detail::WorkInput work_input_of(const detail::Geometry& g) {
-  detail::WorkInput in;
-  in.q_heads = g.q_heads;
-  in.kv_heads = g.kv_heads;
-  in.q_total = sum_of(g.q_lens);
-  in.kv_total = sum_of(g.kv_lens);
-  in.causal = g.causal;
-  in.ranks = static_cast<int>(g.q_lens.size());
-  return in;
-}
+inline detail::WorkInput work_input_of(const detail::Geometry& g) { return detail::work_input(g); }
 
 // Which generator: uaa, padded (ulysses and ulysses_pad) or allgather_kv.
 enum class Gen { uaa, padded, allgather };
@@ -281,6 +285,7 @@ class Checker {
       }
     for (int r = 0; r < P_; ++r) check_parts(r);
     for (int r = 0; r < P_; ++r) check_compute(r);
+    for (int r = 0; r < P_; ++r) check_batch(r);
     for (int r = 0; r < P_; ++r) check_overlap(r);
     for (int r = 0; r < P_; ++r) check_staging(r);
     for (int r = 0; r < P_; ++r) check_bytes(r);
@@ -529,8 +534,72 @@ class Checker {
       }
       if (s.q_first < 0 || s.q_first + q_tokens > s.q_total)
         fail_at(r, -1, "[compute] ", step, ": rows [", s.q_first, ", ", s.q_first + q_tokens, ") outside its q_total");
-      if (kind_ == Gen::uaa && s.q_first % detail::kQueryRowGranule != 0)
+      if (kind_ == Gen::uaa && s.docs.empty() && s.q_first % detail::kQueryRowGranule != 0)
         fail_at(r, -1, "[compute] ", step, ": q_first is not a multiple of the query-row granule ", detail::kQueryRowGranule);
+      check_spans(r, s, step);
+    }
+  }
+
+  // Document spans: in document order, partitioning the step's segments; each span's rows inside
+  // its document, starting on the granule from the document's start, its keys the whole document.
+  void check_spans(int r, const ComputeStep& s, const std::string& step) {
+    if (s.docs.empty()) {
+      if (g_.q_doc_start.size() > 2 && kind_ == Gen::uaa)
+        fail_at(r, -1, "[compute] ", step, ": a plan of ", g_.q_doc_start.size() - 1, " documents but no spans");
+      return;
+    }
+    std::uint32_t q_at = 0, kv_at = 0;
+    i64 prev_kv_end = 0;
+    for (std::size_t d = 0; d < s.docs.size(); ++d) {
+      const detail::DocSpan& sp = s.docs[d];
+      if (sp.q_begin != q_at || sp.q_end <= sp.q_begin || sp.kv_begin < kv_at || sp.kv_end < sp.kv_begin ||
+          sp.kv_end > s.kv.size())
+        fail_at(r, -1, "[compute] ", step, " span ", d, ": segments [", sp.q_begin, ", ", sp.q_end, ") / [", sp.kv_begin,
+                ", ", sp.kv_end, ") do not follow the previous span's");
+      if (sp.kv_first < prev_kv_end)
+        fail_at(r, -1, "[compute] ", step, " span ", d, ": documents out of order");
+      i64 rows = 0, keys = 0;
+      for (std::uint32_t i = sp.q_begin; i < sp.q_end && i < s.q.size(); ++i) rows += s.q[i].tokens;
+      for (std::uint32_t i = sp.kv_begin; i < sp.kv_end && i < s.kv.size(); ++i) keys += s.kv[i].tokens;
+      if (sp.q_first < 0 || sp.q_first + rows > sp.q_total)
+        fail_at(r, -1, "[compute] ", step, " span ", d, ": rows [", sp.q_first, ", ", sp.q_first + rows, ") outside ", sp.q_total);
+      if (keys != sp.kv_total)
+        fail_at(r, -1, "[compute] ", step, " span ", d, ": ", keys, " keys but kv_total ", sp.kv_total);
+      if (sp.q_first % detail::kQueryRowGranule != 0)
+        fail_at(r, -1, "[compute] ", step, " span ", d, ": q_first ", sp.q_first, " is not on the granule");
+      q_at = sp.q_end;
+      kv_at = sp.kv_end;
+      prev_kv_end = sp.kv_first + sp.kv_total;
+    }
+    if (q_at != s.q.size())
+      fail_at(r, -1, "[compute] ", step, ": spans cover ", q_at, " of ", s.q.size(), " q segments");
+  }
+
+  // ---- [batch] ----------------------------------------------------------------------------------
+  bool spans_sequences(Slot slot, i64 head, i64 heads) const {
+    if (g_.batch <= 1 || heads <= 0 || !detail::is_tensor(slot)) return false;
+    const bool kv = slot == Slot::k || slot == Slot::v;
+    const i64 H = (kv ? g_.kv_heads : g_.q_heads) / g_.batch;
+    return head / H != (head + heads - 1) / H;
+  }
+  void check_batch(int r) {
+    if (g_.batch <= 1) return;
+    for (const ExchangeStep* e : {&p_[r].in, &p_[r].out})
+      for (const auto* parts : {&e->send_parts, &e->recv_parts})
+        for (const Part& x : *parts)
+          for (const Place* pl : {&x.src, &x.dst})
+            if (spans_sequences(pl->slot, pl->head, x.heads))
+              fail_at(r, -1, "[batch] part ", place_str(*pl), " of ", x.heads, " heads spans two sequences");
+    for (const ComputeStep& s : p_[r].compute) {
+      const i64 kv_heads = kv_local_range(s).second;
+      for (const QuerySegment& q : s.q)
+        for (const Place* pl : {&q.q, &q.out, &q.lse})
+          if (spans_sequences(pl->slot, pl->head, s.q_heads))
+            fail_at(r, -1, "[batch] step at q head ", s.q_head_begin, ": ", place_str(*pl), " spans two sequences");
+      for (const KeySegment& k : s.kv)
+        for (const Place* pl : {&k.k, &k.v})
+          if (spans_sequences(pl->slot, pl->head, kv_heads))
+            fail_at(r, -1, "[batch] step at q head ", s.q_head_begin, ": ", place_str(*pl), " spans two sequences");
     }
   }
 
@@ -852,6 +921,23 @@ class Checker {
 
   void run_compute(int r, std::size_t si) {
     const ComputeStep& s = p_[r].compute[si];
+    if (s.docs.empty()) run_span(r, si, detail::DocSpan{0, static_cast<std::uint32_t>(s.q.size()), 0,
+                                                        static_cast<std::uint32_t>(s.kv.size()), s.q_first,
+                                                        s.q_total, 0, s.kv_total});
+    for (const detail::DocSpan& d : s.docs) run_span(r, si, d);
+  }
+
+  // The document of global query row `tok` (query start, rows, key start, keys).
+  std::array<i64, 4> doc_of(i64 tok) const {
+    if (g_.q_doc_start.size() <= 2) return {0, Sq_, 0, Skv_};
+    const auto it = std::upper_bound(g_.q_doc_start.begin(), g_.q_doc_start.end() - 1, tok) - 1;
+    const std::size_t d = static_cast<std::size_t>(it - g_.q_doc_start.begin());
+    return {g_.q_doc_start[d], g_.q_doc_start[d + 1] - g_.q_doc_start[d], g_.kv_doc_start[d],
+            g_.kv_doc_start[d + 1] - g_.kv_doc_start[d]};
+  }
+
+  void run_span(int r, std::size_t si, const detail::DocSpan& span) {
+    const ComputeStep& s = p_[r].compute[si];
     std::ostringstream sw;
     sw << "rank " << r << " step " << si << " (q heads [" << s.q_head_begin << ", " << s.q_head_begin + s.q_heads
        << "), kv head " << s.kv_head_begin << ", q_first " << s.q_first << ", q_total " << s.q_total << ", kv_total "
@@ -859,8 +945,8 @@ class Checker {
     const std::string step = sw.str();
     // Keys: position j of the concatenated segments is global key j of every kv head read.
     const auto [kv_lo, kv_hi] = kv_local_range(s);
-    i64 pos = 0;
-    for (std::size_t i = 0; i < s.kv.size(); ++i) {
+    i64 pos = span.kv_first;
+    for (std::size_t i = span.kv_begin; i < span.kv_end; ++i) {
       const KeySegment& ks = s.kv[i];
       for (i64 t = 0; t < ks.tokens; ++t, ++pos)
         for (i64 kl = kv_lo; kl < kv_hi; ++kl) {
@@ -881,8 +967,8 @@ class Checker {
     }
     // Queries: the kernel's row position q_first + i must be a global row whose causal horizon is
     // the kernel's; the output carries the row's provenance.
-    i64 p = s.q_first;
-    for (std::size_t i = 0; i < s.q.size(); ++i) {
+    i64 p = span.q_first;
+    for (std::size_t i = span.q_begin; i < span.q_end; ++i) {
       const QuerySegment& qs = s.q[i];
       for (i64 t = 0; t < qs.tokens; ++t, ++p) {
         i64 row_token = -1;
@@ -903,12 +989,18 @@ class Checker {
               fail_at(r, -1, "[round trip] ", step, " q segment ", i, " token ", t, ": heads hold different tokens ", row_token,
                       " and ", tok);
             row_token = tok;
-            const i64 kernel_last = std::max<i64>(
-                -1, s.causal ? std::min(p + s.kv_total - s.q_total, s.kv_total - 1) : s.kv_total - 1);
-            const i64 true_last = std::max<i64>(-1, detail::last_visible_key(tok, Sq_, Skv_, g_.causal));
-            if (kernel_last != true_last)
-              fail_at(r, -1, "[round trip] ", step, " q segment ", i, " token ", t, ": the kernel sees row position ", p,
-                      " attend keys up to ", kernel_last, " but global query row ", tok, " attends keys up to ", true_last);
+            // The keys the kernel lets row position p see (global key numbers), and the keys
+            // global row tok sees in its document: the same range, or both none.
+            i64 k0 = span.kv_first + detail::first_visible_key(p, span.q_total, span.kv_total, s.window_left);
+            i64 k1 = span.kv_first + detail::last_visible_key(p, span.q_total, span.kv_total, s.causal, s.window_right);
+            const auto [qs0, nq, ks0, nk] = doc_of(tok);
+            i64 t0 = ks0 + detail::first_visible_key(tok - qs0, nq, nk, g_.window_left);
+            i64 t1 = ks0 + detail::last_visible_key(tok - qs0, nq, nk, g_.causal, g_.window_right);
+            if (k0 > k1) k0 = 0, k1 = -1;
+            if (t0 > t1) t0 = 0, t1 = -1;
+            if (k0 != t0 || k1 != t1)
+              fail_at(r, -1, "[round trip] ", step, " q segment ", i, " token ", t, ": the kernel lets row position ", p,
+                      " attend keys [", k0, ", ", k1, "] but global query row ", tok, " attends keys [", t0, ", ", t1, "]");
           }
           // The kernel writes output row (t, h) of this segment.
           write_out(r, qs.out, t, h, qs.dense_heads, row_, d == 1 ? prov(kOut, tok, hg, 0) : prov(kPadOut, 0, 0, 0), step, i);

@@ -11,6 +11,7 @@
 //   [bytes]    over all ranks, bytes sent equal bytes received, per mode; saved mode moves less.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <tuple>
@@ -77,8 +78,7 @@ std::string check_place(const Place& p, std::int64_t tokens, std::int64_t heads,
 
 std::string check_geometry(const Geometry& g, bool canonical) {
   const int P = static_cast<int>(g.q_lens.size());
-  const auto work = detail::split_work(
-      detail::work_input(g.q_lens, g.kv_lens, g.q_heads, g.kv_heads, g.causal));
+  const auto work = detail::split_work(detail::work_input(g));
   std::vector<BackwardProgram> progs;
   for (int r = 0; r < P; ++r) progs.push_back(detail::compile_uaa_backward(g, work, r, canonical));
   std::int64_t q_total = 0;
@@ -116,13 +116,20 @@ std::string check_geometry(const Geometry& g, bool canonical) {
     }
     for (const auto* steps : {&p.phase1, &p.phase2})
       for (const auto& c : *steps) {
+        // A step reads its own heads of rows whose pitch is the segment's dense heads.
+        auto pitched = [](Place p, std::int64_t dense) {
+          if (p.pitch == 0) p.pitch = static_cast<std::int32_t>(dense);
+          return p;
+        };
+        const std::int64_t group = g.q_heads / g.kv_heads;
+        const std::int64_t kv_read = (c.q_head_begin + c.q_heads - 1) / group - c.kv_head_begin + 1;
         for (const auto& q : c.q)
           for (const Place* pl : {&q.q, &q.dout, &q.dq})
-            if (std::string e = check_place(*pl, q.tokens, q.dense_heads, row, mine); !e.empty())
+            if (std::string e = check_place(pitched(*pl, q.dense_heads), q.tokens, c.q_heads, row, mine); !e.empty())
               return "[bounds] rank " + std::to_string(r) + " step: " + e;
         for (const auto& k : c.kv)
           for (const Place* pl : {&k.k, &k.v})
-            if (std::string e = check_place(*pl, k.tokens, k.dense_heads, row, mine); !e.empty())
+            if (std::string e = check_place(pitched(*pl, k.dense_heads), k.tokens, kv_read, row, mine); !e.empty())
               return "[bounds] rank " + std::to_string(r) + " kv: " + e;
         std::int64_t kv_total = 0;
         for (auto x : g.kv_lens) kv_total += x;
@@ -236,10 +243,34 @@ TEST(BackwardProgram, RandomGeometries) {
       g.q_lens.push_back(rng.uniform(0, 3) == 0 ? 0 : rng.uniform(0, max_len));
       g.kv_lens.push_back(rng.uniform(0, 3) == 0 ? 0 : rng.uniform(0, max_len));
     }
+    // Documents (random cuts of both totals into the same count), batches (heads x B) and windows.
+    if (rng.uniform(0, 2) == 0) {
+      const int docs = static_cast<int>(rng.uniform(2, 7));
+      auto starts = [&](const std::vector<std::int64_t>& lens) {
+        std::int64_t total = 0;
+        for (auto x : lens) total += x;
+        std::vector<std::int64_t> cut = {0, total};
+        for (int i = 1; i < docs; ++i) cut.push_back(rng.uniform(0, total));
+        std::sort(cut.begin(), cut.end());
+        return cut;
+      };
+      g.q_doc_start = starts(g.q_lens);
+      g.kv_doc_start = starts(g.kv_lens);
+    }
+    if (rng.uniform(0, 3) == 0) {
+      g.batch = rng.uniform(2, 3);
+      g.q_heads *= g.batch;
+      g.kv_heads *= g.batch;
+    }
+    if (rng.uniform(0, 3) == 0) {
+      g.window_left = rng.uniform(-1, 40);
+      g.window_right = rng.uniform(-1, 5);
+    }
     const bool canonical = trial % 3 != 2;
     const std::string e = check_geometry(g, canonical);
     ASSERT_EQ(e, "") << (canonical ? "canonical" : "by_rank") << " trial " << trial << ": P " << P << " hq " << g.q_heads << " hkv " << g.kv_heads
-                     << " causal " << g.causal;
+                     << " causal " << g.causal << " batch " << g.batch << " documents "
+                     << (g.q_doc_start.empty() ? 1 : g.q_doc_start.size() - 1);
   }
 }
 

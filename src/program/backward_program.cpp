@@ -490,7 +490,8 @@ std::string describe(const BackwardProgram& p) {
       s += std::string(name) + " heads [" + std::to_string(c.q_head_begin) + ",+" +
            std::to_string(c.q_heads) + ") rows from " + std::to_string(c.q_first) + ", " +
            std::to_string(c.q.size()) + " q segments, " + std::to_string(c.kv.size()) +
-           " kv segments" + (c.dk_carry.slot == Slot::pad ? "" : ", continues a head") + "\n";
+           " kv segments" + (c.docs.empty() ? "" : ", " + std::to_string(c.docs.size()) + " documents") +
+           (c.dk_carry.slot == Slot::pad ? "" : ", continues a head") + "\n";
   };
   steps("phase1", p.phase1);
   exchange("carry1", p.carry1);

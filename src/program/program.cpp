@@ -470,7 +470,11 @@ std::string describe(const Program& p) {
   for (const ComputeStep& c : p.compute) {
     o << "compute heads [" << c.q_head_begin << ",+" << c.q_heads << ") kv from " << c.kv_head_begin
       << " rows from " << c.q_first << " of " << c.q_total << ", keys " << c.kv_total
-      << (c.causal ? " causal" : "") << ": q";
+      << (c.causal ? " causal" : "");
+    if (c.window_left >= 0 || c.window_right >= 0)
+      o << " window (" << c.window_left << "," << c.window_right << ")";
+    if (!c.docs.empty()) o << ", " << c.docs.size() << " documents";
+    o << ": q";
     for (const QuerySegment& q : c.q) {
       o << " " << q.tokens << ":";
       place(q.q);

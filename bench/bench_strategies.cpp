@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "bench_strategies.h"
+#include "bench_util.h"
 #include "plan/cost_model.h"
 #include "plan/plan_data.h"
 #include "program/program.h"
@@ -37,30 +38,6 @@
 
 namespace uaa::bench {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// A value in [-1, 1) from the global coordinates: any split sees the same global tensors.
-float value_at(int tensor, std::int64_t token, std::int64_t head, std::int64_t dim) {
-  std::uint64_t z = (static_cast<std::uint64_t>(tensor) << 60) ^ (static_cast<std::uint64_t>(token) << 24) ^
-                    (static_cast<std::uint64_t>(head) << 12) ^ static_cast<std::uint64_t>(dim);
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return static_cast<float>(static_cast<double>(z >> 40) * (1.0 / 8388608.0) - 1.0);
-}
-
 
 struct Shard {
   DType dtype = DType::f32;
@@ -179,13 +156,6 @@ std::string json_list(const std::vector<std::int64_t>& v) {
   std::string s = "[";
   for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s + "]";
-}
-
-std::string num(double v) {
-  if (!std::isfinite(v)) return "null";
-  char b[32];
-  std::snprintf(b, sizeof b, "%.6g", v);
-  return b;
 }
 
 // "%.<digits>f", or "-" when not available.
@@ -572,7 +542,7 @@ int bench_strategies_main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &P);
   int status = 0;
   try {
-    const SweepOptions o = parse_sweep(argc, argv, false);
+    const SweepOptions o = parse_sweep(argc, argv, SweepFor::bench);
     if (o.help) {
       if (me == 0) std::fputs(kBenchUsage, stdout);
     } else {

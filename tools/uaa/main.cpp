@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "bench_docs.h"
 #include "bench_strategies.h"
 #include "commands.h"
 #ifdef UAA_HAVE_BENCH
@@ -16,8 +17,11 @@
 namespace {
 
 // uaa bench kernel ...: the kernel benchmark (bench/, built when OpenBLAS is available);
+// uaa bench docs ...: packed documents against one call per document, under mpirun
+// (bench/bench_docs.cpp);
 // uaa bench [--strategies ...]: the strategy benchmark under mpirun (bench/bench_strategies.cpp).
 int bench_main(int argc, char** argv) {
+  if (argc >= 2 && std::strcmp(argv[1], "docs") == 0) return bench_docs_main(argc - 1, argv + 1);
   if (argc >= 2 && std::strcmp(argv[1], "kernel") == 0) {
 #ifdef UAA_HAVE_BENCH
     return bench_kernel_main(argc - 1, argv + 1);
@@ -38,7 +42,8 @@ struct Command {
 constexpr Command kCommands[] = {
     {"run", uaa::cli::run_main, "sequence-parallel attention over MPI ranks (under mpirun)"},
     {"bench", bench_main,
-     "compare the strategies under mpirun (`uaa bench --preset flux`); `uaa bench kernel`: the kernel"},
+     "compare the strategies under mpirun (`uaa bench --preset flux`); `uaa bench docs`: packed\n"
+     "           documents vs one call each; `uaa bench kernel`: the kernel"},
     {"plan", uaa::cli::plan_main, "cost model of the strategies at any rank count (no MPI)"},
 };
 

@@ -1,6 +1,8 @@
 // `uaa plan`: the cost model (src/plan/cost_model.h) of every strategy at any rank count, without
 // MPI: per-rank FLOPs, bytes sent and received, load imbalance and a modelled time from rates that
-// `uaa bench` measured (or given: --compute-gflops, --exchange-gbps).
+// `uaa bench` measured (or given: --compute-gflops, --exchange-gbps). Packed documents (--docs,
+// --kv-docs, --preset docs-longtail), batches (--batch) and windows (--window) are modelled for the
+// uaa strategy through the same geometry a plan builds (visible pairs inside documents).
 //
 // Cost: O(P log S) per (rank count, sequence, strategy): one work split and a closed-form count per
 // rank, never a plan or a program per rank. --program R compiles rank R's program only (O(P)).
@@ -100,13 +102,15 @@ double flops_of(const detail::RankCost& r) { return r.flops; }
 double sent_of(const detail::RankCost& r) { return static_cast<double>(r.sent); }
 double received_of(const detail::RankCost& r) { return static_cast<double>(r.received); }
 
+// work/mean: the rank's FLOPs over the mean over ranks (the largest is the row's imbalance).
 void print_rank_lines(const detail::CostEstimate& c, const detail::CostRates& rates) {
-  std::printf("      %7s %11s %12s %12s %10s\n", "rank", "GFLOP", "MB sent", "MB recv", "model_ms");
+  std::printf("      %7s %11s %9s %12s %12s %10s\n", "rank", "GFLOP", "work/mean", "MB sent",
+              "MB recv", "model_ms");
   for (std::size_t r = 0; r < c.ranks.size(); ++r) {
     const detail::RankCost& rc = c.ranks[r];
-    std::printf("      %7zu %11.2f %12.2f %12.2f %10.2f\n", r, rc.flops / 1e9,
-                static_cast<double>(rc.sent) / 1e6, static_cast<double>(rc.received) / 1e6,
-                detail::modelled_rank_ms(rc, rates));
+    std::printf("      %7zu %11.2f %9.4f %12.2f %12.2f %10.2f\n", r, rc.flops / 1e9,
+                c.mean_flops > 0 ? rc.flops / c.mean_flops : 1.0, static_cast<double>(rc.sent) / 1e6,
+                static_cast<double>(rc.received) / 1e6, detail::modelled_rank_ms(rc, rates));
   }
 }
 
@@ -144,9 +148,10 @@ void print_rank_json(long long P, Strategy st, long long seq, const detail::Cost
   for (std::size_t r = 0; r < c.ranks.size(); ++r) {
     const detail::RankCost& rc = c.ranks[r];
     std::printf("{\"ranks\": %lld, \"strategy\": \"%s\", \"seq\": %lld, \"rank\": %zu, \"flops\": "
-                "%.6g, \"bytes_sent\": %lld, \"bytes_received\": %lld, \"bytes_self\": %lld, "
-                "\"model_ms\": %.6g}\n",
-                P, strategy_name(st), seq, r, rc.flops, static_cast<long long>(rc.sent),
+                "%.6g, \"work_over_mean\": %.6g, \"bytes_sent\": %lld, \"bytes_received\": %lld, "
+                "\"bytes_self\": %lld, \"model_ms\": %.6g}\n",
+                P, strategy_name(st), seq, r, rc.flops,
+                c.mean_flops > 0 ? rc.flops / c.mean_flops : 1.0, static_cast<long long>(rc.sent),
                 static_cast<long long>(rc.received), static_cast<long long>(rc.self),
                 detail::modelled_rank_ms(rc, rates));
   }
@@ -173,28 +178,65 @@ void print_program(const detail::Geometry& g, Strategy st, const std::vector<det
   }
 }
 
+// Why strategy `st` has no row for this workload ("" if it has one).
+const char* cannot_model(const bench::SweepOptions& o, Strategy st) {
+  if (st == Strategy::uaa) return "";
+  if (o.uaa_only()) return "cannot run: documents and batches need strategy uaa";
+  if (o.has_window()) return "not modelled: the cost model counts this strategy without the window";
+  return "";
+}
+
+// The workload's line(s) under the header: documents, batch, window.
+void print_workload(const bench::SweepOptions& o) {
+  if (!o.docs.empty()) {
+    std::int64_t total = 0;
+    for (std::int64_t x : o.docs) total += x;
+    std::printf("# documents: %zu, %lld tokens (%s): %s\n", o.docs.size(),
+                static_cast<long long>(total), bench::length_summary(o.docs).c_str(),
+                bench::join(o.docs).c_str());
+    if (!o.kv_docs.empty())
+      std::printf("# key/value documents: %s\n", bench::join(o.kv_docs).c_str());
+  }
+  if (o.batch > 1 || o.has_window())
+    std::printf("# batch %lld, window %lld,%lld\n", static_cast<long long>(o.batch),
+                static_cast<long long>(o.window_left), static_cast<long long>(o.window_right));
+}
+
 }  // namespace
 
 int plan_main(int argc, char** argv) {
   using namespace uaa::bench;
   try {
     std::vector<char*> rest;
-    const PlanExtras extras = take_extras(argc, argv, rest);
-    const SweepOptions o = parse_sweep(static_cast<int>(rest.size()), rest.data(), true);
+    PlanExtras extras = take_extras(argc, argv, rest);
+    const SweepOptions o = parse_sweep(static_cast<int>(rest.size()), rest.data(), SweepFor::plan);
     if (o.help) {
       std::fputs(kPlanUsage, stdout);
       std::fputs(kPlanExtraUsage, stdout);
       return 0;
     }
+    // Documents: the per-rank work is the point, so the per-rank lines are on.
+    if (!o.docs.empty()) extras.per_rank = true;
     const detail::CostRates rates{(o.compute_gflops > 0 ? o.compute_gflops : kDefaultGflops) * 1e9,
                                   (o.exchange_gbps > 0 ? o.exchange_gbps : kDefaultGbps) * 1e9};
-    if (!o.json)
+    if (!o.json) {
       std::printf("# %s heads %lld/%lld x %lld %s%s; rates %.1f GFLOP/s per rank, %.2f GB/s data "
                   "movement per rank\n",
                   o.preset.empty() ? "custom" : o.preset.c_str(), static_cast<long long>(o.heads),
                   static_cast<long long>(o.kv_heads), static_cast<long long>(o.head_dim),
                   dtype_name(o.dtype), o.causal ? " causal" : "", rates.flops_per_s / 1e9,
                   rates.bytes_per_s / 1e9);
+      print_workload(o);
+    }
+    // JSON fields of the workload, on every row of a document / batch / window workload.
+    std::string workload_json;
+    if (!o.docs.empty() || o.batch > 1 || o.has_window()) {
+      workload_json = ", \"batch\": " + std::to_string(o.batch) + ", \"window\": [" +
+                      std::to_string(o.window_left) + ", " + std::to_string(o.window_right) +
+                      "], \"documents\": " + std::to_string(o.docs.size());
+      if (!o.docs.empty()) workload_json += ", \"doc_lengths\": [" + join(o.docs) + "]";
+      if (!o.kv_docs.empty()) workload_json += ", \"kv_doc_lengths\": [" + join(o.kv_docs) + "]";
+    }
     for (std::int64_t P : o.ranks_list) {
       if (P > 0x7fffffff) throw SweepError("--ranks: " + std::to_string(P) + " is too many ranks");
       if (!o.json)
@@ -205,33 +247,31 @@ int plan_main(int argc, char** argv) {
       for (auto& lens : sweep_lengths(o, static_cast<int>(P))) {
         std::int64_t seq = 0;
         for (std::int64_t x : lens) seq += x;
-        detail::Geometry g;
-        g.q_lens = lens;
-        g.kv_lens = std::move(lens);
-        g.q_heads = o.heads;
-        g.kv_heads = o.kv_heads;
-        g.head_dim = o.head_dim;
-        g.elem_bytes = static_cast<std::int64_t>(dtype_size(o.dtype));
-        g.causal = o.causal;
+        const detail::Geometry g = geometry_for(o, lens, kv_lengths(o, lens));
         // The uaa split, once per sequence: every strategy's row compares with uaa's time.
-        const std::vector<detail::RankWork> work = detail::split_work(
-            detail::work_input(g.q_lens, g.kv_lens, g.q_heads, g.kv_heads, g.causal));
+        const std::vector<detail::RankWork> work = detail::split_work(detail::work_input(g));
         double uaa_ms = 0;
         for (Strategy st : o.strategies)
           if (st == Strategy::uaa)
             uaa_ms = detail::modelled_ms(detail::estimate_cost(g, st, work), rates);
         for (Strategy st : o.strategies) {
-          if (st == Strategy::ulysses) {
-            if (const char* why = ulysses_cannot(g.q_lens, o.heads); *why) {
-              if (o.json)
-                std::printf("{\"ranks\": %lld, \"strategy\": \"ulysses\", \"seq\": %lld, \"error\": "
-                            "\"does not divide\"}\n",
-                            static_cast<long long>(P), static_cast<long long>(seq));
-              else
-                std::printf("%5lld %-13s %7lld  (cannot run: %s)\n", static_cast<long long>(P),
-                            "ulysses", static_cast<long long>(seq), why);
-              continue;
-            }
+          const char* why = cannot_model(o, st);
+          if (!*why && st == Strategy::ulysses) why = ulysses_cannot(g.q_lens, o.heads);
+          if (*why) {
+            if (o.json)
+              std::printf("{\"ranks\": %lld, \"strategy\": \"%s\", \"seq\": %lld, \"error\": "
+                          "\"%s\"}\n",
+                          static_cast<long long>(P), strategy_name(st), static_cast<long long>(seq),
+                          st == Strategy::ulysses && !o.uaa_only() && !o.has_window()
+                              ? "does not divide"
+                              : why);
+            else
+              std::printf("%5lld %-13s %7lld  (%s%s)\n", static_cast<long long>(P), strategy_name(st),
+                          static_cast<long long>(seq),
+                          st == Strategy::ulysses && !o.uaa_only() && !o.has_window() ? "cannot run: "
+                                                                                      : "",
+                          why);
+            continue;
           }
           const detail::CostEstimate c = detail::estimate_cost(g, st, work);
           const double ms = detail::modelled_ms(c, rates);
@@ -240,12 +280,12 @@ int plan_main(int argc, char** argv) {
             std::printf("{\"ranks\": %lld, \"strategy\": \"%s\", \"seq\": %lld, \"max_flops\": %.6g, "
                         "\"max_bytes_sent\": %lld, \"max_bytes_received\": %lld, \"imbalance\": %.6g, "
                         "\"pad_fraction\": %.6g, \"compute_ms\": %.6g, \"exchange_ms\": %.6g, "
-                        "\"model_ms\": %.6g, \"vs_uaa\": %.6g%s}\n",
+                        "\"model_ms\": %.6g, \"vs_uaa\": %.6g%s%s}\n",
                         static_cast<long long>(P), strategy_name(st), static_cast<long long>(seq),
                         c.max_flops, static_cast<long long>(c.max_sent),
                         static_cast<long long>(c.max_received), c.imbalance, c.pad_fraction, cms,
                         xms, ms, uaa_ms > 0 ? ms / uaa_ms : 0.0,
-                        extras.per_rank ? json_summary(c, rates).c_str() : "");
+                        extras.per_rank ? json_summary(c, rates).c_str() : "", workload_json.c_str());
             if (extras.per_rank && rank_lines)
               print_rank_json(static_cast<long long>(P), st, static_cast<long long>(seq), c, rates);
           } else {

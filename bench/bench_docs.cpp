@@ -123,18 +123,6 @@ struct Mode {
   std::vector<double> round_max;    // [round][field] maximum over ranks
 };
 
-std::int64_t sum(const std::vector<std::int64_t>& v) {
-  std::int64_t s = 0;
-  for (std::int64_t x : v) s += x;
-  return s;
-}
-
-std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& v) {
-  std::vector<std::int64_t> p(v.size() + 1, 0);
-  for (std::size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
-  return p;
-}
-
 std::int64_t overlap(std::int64_t a0, std::int64_t a1, std::int64_t b0, std::int64_t b1) {
   return std::max<std::int64_t>(0, std::min(a1, b1) - std::max(a0, b0));
 }

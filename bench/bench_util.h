@@ -1,4 +1,4 @@
-// Small helpers shared by the MPI benchmarks (bench_strategies.cpp, bench_docs.cpp).
+// Small helpers shared by the benchmarks (bench_strategies.cpp, bench_docs.cpp, sweep.cpp).
 #pragma once
 
 #include <algorithm>
@@ -32,6 +32,19 @@ inline float value_at(int tensor, std::int64_t token, std::int64_t head, std::in
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   z ^= z >> 31;
   return static_cast<float>(static_cast<double>(z >> 40) * (1.0 / 8388608.0) - 1.0);
+}
+
+inline std::int64_t sum(const std::vector<std::int64_t>& v) {
+  std::int64_t s = 0;
+  for (std::int64_t x : v) s += x;
+  return s;
+}
+
+// Prefix sums: v.size() + 1 entries from 0.
+inline std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& v) {
+  std::vector<std::int64_t> p(v.size() + 1, 0);
+  for (std::size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
+  return p;
 }
 
 // A JSON number ("null" when not finite).

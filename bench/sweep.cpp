@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <set>
 
+#include "bench_util.h"
 #include "presets.h"
 
 namespace uaa::bench {
@@ -40,18 +41,6 @@ std::vector<std::int64_t> int_list(const std::string& opt, const std::string& v,
   std::vector<std::int64_t> out;
   for (const std::string& x : split(v)) out.push_back(to_int(opt, x, lo));
   return out;
-}
-
-std::int64_t sum(const std::vector<std::int64_t>& v) {
-  std::int64_t s = 0;
-  for (std::int64_t x : v) s += x;
-  return s;
-}
-
-std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& v) {
-  std::vector<std::int64_t> p(v.size() + 1, 0);
-  for (std::size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
-  return p;
 }
 
 }  // namespace

@@ -117,8 +117,6 @@ void compute_delta(const BackwardArgs& a, const AttentionShape& s, float* delta)
     }
 }
 
-Place build_place(Slot slot, std::int64_t token, std::int64_t head);
-
 // dk/dv of the own key tokens: per kv head, the terms in ascending q head order (zeros if none).
 void run_reduce(const ReduceStep& red, const Bindings& b, const AttentionShape& s) {
   const std::int64_t D = s.head_dim, f32_row = D * static_cast<std::int64_t>(sizeof(float));
@@ -137,7 +135,7 @@ void run_reduce(const ReduceStep& red, const Bindings& b, const AttentionShape& 
           else
             for (std::int64_t i = 0; i < D; ++i) acc[i] += row[i];
         }
-        std::byte* at = resolve(b, build_place(which == 0 ? Slot::dk : Slot::dv, t, g), 1, D * b.elem_bytes).base;
+        std::byte* at = resolve(b, tensor_place(which == 0 ? Slot::dk : Slot::dv, t, g), 1, D * b.elem_bytes).base;
         if (bf) {
           auto* o = reinterpret_cast<std::uint16_t*>(at);
           for (std::int64_t i = 0; i < D; ++i) o[i] = bf16_from_f32(acc[i]);
@@ -176,14 +174,6 @@ void run_fold(const std::vector<FoldTerm>& fold, const Bindings& b, const Attent
   }
 }
 
-Place build_place(Slot slot, std::int64_t token, std::int64_t head) {
-  Place p;
-  p.slot = slot;
-  p.token = token;
-  p.head = head;
-  return p;
-}
-
 // A step with document spans: the partial sums of keys no span covers are what a kernel writes
 // for keys no row sees: the carry (local head 0) or zero.
 void fill_uncovered_keys(const BackwardStep& c, const Bindings& b, const AttentionShape& s) {
@@ -215,26 +205,15 @@ void fill_uncovered_keys(const BackwardStep& c, const Bindings& b, const Attenti
   }
 }
 
-// Calls f(step, document) for every kernel call of the steps, in order.
-template <typename F>
-void for_each_call(const std::vector<BackwardStep>& steps, F f) {
-  for (const BackwardStep& c : steps) {
-    if (c.docs.empty()) f(c, whole_step(c));
-    for (const DocSpan& d : c.docs) f(c, d);
-  }
-}
-
 void run_steps(const std::vector<BackwardStep>& steps, const PlanData& plan, const Setup& su,
                WorkspaceBuffers& B) {
   for (const BackwardStep& c : steps) {
     if (!c.docs.empty()) fill_uncovered_keys(c, su.bindings, plan.shape);
-    auto run = [&](const DocSpan& d) {
+    for_each_document(c, [&](const DocSpan& d) {
       BackwardProblem bp = backward_problem(c, d, su.bindings, plan.shape, su.threads, B);
       bp.scratch = B.scratch.data();
       su.bkernel->run(bp);
-    };
-    if (c.docs.empty()) run(whole_step(c));
-    for (const DocSpan& d : c.docs) run(d);
+    });
   }
 }
 
@@ -314,23 +293,19 @@ void backward_impl(const Plan& plan_handle, const BackwardArgs& args, Workspace&
       b.dv = args.dv;
       b.delta = reinterpret_cast<float*>(B.delta.data());
       b.delta_token_stride = s.batch * s.q_heads;  // [q_tokens][batch][q_heads]
-      if (s.batch > 1) {
-        b.q_heads = s.q_heads;
-        b.kv_heads = s.kv_heads;
-        b.lse_batch_stride =
-            args.lse_batch_stride != 0 ? args.lse_batch_stride : plan.q_lens[me] * b.lse_token_stride;
-        b.delta_batch_stride = s.q_heads;
-      }
+      bind_batch(b, s, plan.q_lens[me], args.lse_batch_stride);
+      b.delta_batch_stride = s.q_heads;  // used only when batched
       b.stage_in = B.stage_in.data();
       b.stage_out = B.stage_out.data();
       b.saved = saved ? const_cast<std::byte*>(saved->buffer.data()) : B.recompute.data();
       b.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
       std::int64_t scratch = 0;
       for (const auto* steps : {&prog.phase1, &prog.phase2})
-        for_each_call(*steps, [&](const BackwardStep& c, const DocSpan& d) {
-          scratch = std::max(scratch, static_cast<std::int64_t>(su.bkernel->scratch_bytes(
-                                          backward_problem(c, d, b, s, su.threads, B))));
-        });
+        for (const BackwardStep& c : *steps)
+          for_each_document(c, [&](const DocSpan& d) {
+            scratch = std::max(scratch, static_cast<std::int64_t>(su.bkernel->scratch_bytes(
+                                            backward_problem(c, d, b, s, su.threads, B))));
+          });
       wanted = scratch;
       B.reserve(B.scratch, scratch);
     } catch (const Error& e) {

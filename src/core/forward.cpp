@@ -100,21 +100,13 @@ struct Setup {
 };
 
 
-// Calls f(step, document) for every kernel call of the program, in order.
-template <typename F>
-void for_each_call(const Program& prog, F f) {
-  for (const ComputeStep& c : prog.compute) {
-    if (c.docs.empty()) f(c, whole_step(c));
-    for (const DocSpan& d : c.docs) f(c, d);
-  }
-}
-
 void run_compute(const Program& prog, const PlanData& plan, const Setup& su, WorkspaceBuffers& B) {
-  for_each_call(prog, [&](const ComputeStep& c, const DocSpan& d) {
-    KernelProblem kp = kernel_problem(c, d, su.bindings, plan.shape, su.threads, B);
-    kp.scratch = B.scratch.data();
-    su.kernel->run(kp);
-  });
+  for (const ComputeStep& c : prog.compute)
+    for_each_document(c, [&](const DocSpan& d) {
+      KernelProblem kp = kernel_problem(c, d, su.bindings, plan.shape, su.threads, B);
+      kp.scratch = B.scratch.data();
+      su.kernel->run(kp);
+    });
 }
 
 void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace& ws,
@@ -170,17 +162,13 @@ void forward_impl(const Plan& plan_handle, const AttentionArgs& args, Workspace&
       b.stage_in = stage_in.data();
       b.stage_out = B.stage_out.data();
       b.elem_bytes = static_cast<std::int64_t>(dtype_size(s.dtype));
-      if (s.batch > 1) {
-        b.q_heads = s.q_heads;
-        b.kv_heads = s.kv_heads;
-        b.lse_batch_stride =
-            args.lse_batch_stride != 0 ? args.lse_batch_stride : plan.q_lens[me] * b.lse_token_stride;
-      }
+      bind_batch(b, s, plan.q_lens[me], args.lse_batch_stride);
       std::int64_t scratch = 0;
-      for_each_call(prog, [&](const ComputeStep& c, const DocSpan& d) {
-        scratch = std::max(scratch, static_cast<std::int64_t>(su.kernel->scratch_bytes(
-                                        kernel_problem(c, d, b, s, su.threads, B))));
-      });
+      for (const ComputeStep& c : prog.compute)
+        for_each_document(c, [&](const DocSpan& d) {
+          scratch = std::max(scratch, static_cast<std::int64_t>(su.kernel->scratch_bytes(
+                                          kernel_problem(c, d, b, s, su.threads, B))));
+        });
       wanted = scratch;
       B.reserve(B.scratch, scratch);
     } catch (const Error& e) {

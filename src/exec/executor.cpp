@@ -7,6 +7,7 @@
 
 #include "common/clock.h"
 #include "common/strings.h"
+#include "core/validate.h"
 #include "uaa/error.h"
 
 namespace uaa::detail {
@@ -62,6 +63,14 @@ bool injected(const char* point) {
 
 }  // namespace
 
+void bind_batch(Bindings& b, const AttentionShape& s, std::int64_t q_tokens,
+                std::int64_t lse_batch_stride) {
+  if (s.batch <= 1) return;
+  b.q_heads = s.q_heads;
+  b.kv_heads = s.kv_heads;
+  b.lse_batch_stride = lse_batch_stride != 0 ? lse_batch_stride : q_tokens * b.lse_token_stride;
+}
+
 BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std::int64_t row_bytes) {
   const std::int64_t es = b.elem_bytes;
   // Batched plans: head b * H + h of the place is head h of sequence b (a part or segment never
@@ -71,8 +80,7 @@ BlockAddress resolve(const Bindings& b, const Place& p, std::int64_t heads, std:
   };
   auto in_tensor = [&](const ConstTensor& t, std::int64_t H) {
     auto* base = static_cast<std::byte*>(const_cast<void*>(t.data));
-    const std::int64_t bs = t.batch_stride != 0 ? t.batch_stride : t.tokens * t.token_stride;
-    const auto [h, at] = split(H, bs);
+    const auto [h, at] = split(H, batch_stride_of(t));
     return BlockAddress{base + (at + p.token * t.token_stride + h * t.head_stride) * es,
                         t.token_stride * es, t.head_stride * es};
   };

@@ -79,6 +79,18 @@ DocSpan whole_step(const Step& c) {
                  c.q_first, c.q_total, 0, c.kv_total};
 }
 
+// Calls f(document) for each kernel call of a step: one per document span, else the whole step.
+template <typename Step, typename F>
+void for_each_document(const Step& c, F f) {
+  if (c.docs.empty()) f(whole_step(c));
+  for (const DocSpan& d : c.docs) f(d);
+}
+
+// Batched plans (shape.batch > 1): the heads per sequence and lse's batch stride (given, or
+// q_tokens × lse_token_stride); no-op otherwise. Call after lse_token_stride is set.
+void bind_batch(Bindings& b, const AttentionShape& s, std::int64_t q_tokens,
+                std::int64_t lse_batch_stride);
+
 // The backward kernel problem of one document of a step (segments in B's lists; scratch not set).
 BackwardProblem backward_problem(const BackwardStep& c, const DocSpan& doc, const Bindings& b,
                                  const AttentionShape& s, int threads, WorkspaceBuffers& B);

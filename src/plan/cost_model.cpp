@@ -5,12 +5,6 @@
 namespace uaa::detail {
 namespace {
 
-std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& lens) {
-  std::vector<std::int64_t> start(lens.size() + 1, 0);
-  for (std::size_t j = 0; j < lens.size(); ++j) start[j + 1] = start[j] + lens[j];
-  return start;
-}
-
 // uaa (compile_uaa_forward): rank r sends peer j, of each of j's pieces, the rows r holds, and its
 // k/v tokens of j's kv heads; it returns to peer j the output (and lse) rows of its own pieces that j
 // holds. Summed over all peers this is closed-form, because the pieces of all ranks tile every
@@ -22,7 +16,7 @@ std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& lens) {
 //   out sent  = (mine(r) - own(r)) x (row + lse)     out received = (Hq |tokens(r)| - own(r)) x (row + lse)
 void uaa_costs(const Geometry& g, const std::vector<RankWork>& work, CostEstimate& c) {
   const int P = static_cast<int>(g.q_lens.size());
-  const std::vector<std::int64_t> q_start = prefix(g.q_lens);
+  const std::vector<std::int64_t> q_start = prefix_sums(g.q_lens);
   std::int64_t kv_total = 0, kv_heads_sum = 0;
   for (std::int64_t x : g.kv_lens) kv_total += x;
   for (const RankWork& w : work) kv_heads_sum += w.kv_heads.size();

@@ -22,6 +22,13 @@ struct HeadRange {
   std::int64_t size() const { return end - begin; }
 };
 
+// Prefix sums: lens.size() + 1 entries, from 0 (rank or document starts from lengths).
+inline std::vector<std::int64_t> prefix_sums(const std::vector<std::int64_t>& lens) {
+  std::vector<std::int64_t> start(lens.size() + 1, 0);
+  for (std::size_t j = 0; j < lens.size(); ++j) start[j + 1] = start[j] + lens[j];
+  return start;
+}
+
 // Global query rows [begin, end).
 struct RowRange {
   std::int64_t begin = 0, end = 0;

@@ -49,10 +49,14 @@ std::string docs_problem(const Documents& d) {
 }
 
 // The documents against the totals every rank knows ("" if they fit), and the strategy.
+// *code: unsupported for a strategy that cannot run documents, else invalid_argument.
 std::string docs_fit_problem(const Documents& d, const AttentionShape& s, const PlanOptions& o,
-                             std::int64_t q_total, std::int64_t kv_total) {
-  if ((d.q.size() > 1 || s.batch > 1) && o.strategy != Strategy::uaa)
+                             std::int64_t q_total, std::int64_t kv_total, ErrorCode* code) {
+  *code = ErrorCode::invalid_argument;
+  if ((d.q.size() > 1 || s.batch > 1) && o.strategy != Strategy::uaa) {
+    *code = ErrorCode::unsupported;
     return cat("documents and batches need strategy uaa (the plan has ", strategy_name(o.strategy), ")");
+  }
   if (d.q.empty()) return {};
   __int128 q = 0, kv = 0;
   for (std::int64_t x : d.q) q += x;
@@ -66,11 +70,6 @@ std::string docs_fit_problem(const Documents& d, const AttentionShape& s, const 
   return {};
 }
 
-// docs_fit_problem's code: a strategy that cannot run documents is `unsupported`.
-ErrorCode fit_code(const Documents& d, const AttentionShape& s, const PlanOptions& o) {
-  return (d.q.size() > 1 || s.batch > 1) && o.strategy != Strategy::uaa ? ErrorCode::unsupported
-                                                                       : ErrorCode::invalid_argument;
-}
 
 std::string options_problem(const PlanOptions& o) {
   if (static_cast<int>(o.strategy) > static_cast<int>(Strategy::allgather_kv))
@@ -191,12 +190,6 @@ const BackwardProgram& backward_program(const PlanData& d) {
 
 namespace {
 
-std::vector<std::int64_t> prefix_sums(const std::vector<std::int64_t>& v) {
-  std::vector<std::int64_t> p(v.size() + 1, 0);
-  for (std::size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
-  return p;
-}
-
 // O(P) for this rank: the work split of all ranks (O(P log S)) and this rank's program (O(P)).
 std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
                                 const PlanOptions& options, std::vector<std::int64_t> q_lens,
@@ -208,12 +201,8 @@ std::shared_ptr<PlanData> build(Communicator& comm, const AttentionShape& shape,
   d->rank = comm.rank();
   d->q_lens = std::move(q_lens);
   d->kv_lens = std::move(kv_lens);
-  d->q_start.assign(d->ranks + 1, 0);
-  d->kv_start.assign(d->ranks + 1, 0);
-  for (int j = 0; j < d->ranks; ++j) {
-    d->q_start[j + 1] = d->q_start[j] + d->q_lens[j];
-    d->kv_start[j + 1] = d->kv_start[j] + d->kv_lens[j];
-  }
+  d->q_start = prefix_sums(d->q_lens);
+  d->kv_start = prefix_sums(d->kv_lens);
   if (docs.q.size() > 1) {
     d->docs = docs;
     if (d->docs.kv.empty()) d->docs.kv = d->docs.q;
@@ -400,10 +389,11 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   if (options.strategy == Strategy::ulysses)
     if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
       throw Error(ErrorCode::invalid_argument, "uaa::Plan::create: " + p);
+  ErrorCode fit = ErrorCode::invalid_argument;
   if (std::string p = detail::docs_fit_problem(docs, shape, options, detail::sum(q_lens),
-                                               detail::sum(kv_lens));
+                                               detail::sum(kv_lens), &fit);
       !p.empty())
-    throw Error(detail::fit_code(docs, shape, options), cat("uaa::Plan::create: ", p));
+    throw Error(fit, cat("uaa::Plan::create: ", p));
   return Plan(detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens), docs));
 }
 
@@ -436,10 +426,11 @@ Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
     if (std::string p = detail::ulysses_problem(q_lens, kv_lens, shape.q_heads); !p.empty())
       fail(ErrorCode::invalid_argument, p);
   if (std::string p = detail::docs_problem(docs); !p.empty()) fail(ErrorCode::invalid_argument, p);
+  ErrorCode fit = ErrorCode::invalid_argument;
   if (std::string p = detail::docs_fit_problem(docs, shape, options, detail::sum(q_lens),
-                                               detail::sum(kv_lens));
+                                               detail::sum(kv_lens), &fit);
       !p.empty())
-    fail(detail::fit_code(docs, shape, options), p);
+    fail(fit, p);
   ErrorCode code = ErrorCode::unsupported;
   const std::string local = detail::local_problem(shape, code);
   auto d = detail::build(comm, shape, options, std::move(q_lens), std::move(kv_lens), docs);

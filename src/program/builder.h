@@ -14,19 +14,8 @@ namespace uaa::detail::build {
 constexpr std::int64_t kAlign = 64;
 inline std::int64_t align(std::int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-inline std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& lens) {
-  std::vector<std::int64_t> start(lens.size() + 1, 0);
-  for (std::size_t j = 0; j < lens.size(); ++j) start[j + 1] = start[j] + lens[j];
-  return start;
-}
 
-inline Place tensor(Slot s, std::int64_t token, std::int64_t head) {
-  Place p;
-  p.slot = s;
-  p.token = token;
-  p.head = head;
-  return p;
-}
+inline Place tensor(Slot s, std::int64_t token, std::int64_t head) { return tensor_place(s, token, head); }
 inline Place staged(Slot s, std::int64_t offset, std::int64_t pitch = 0) {
   Place p;
   p.slot = s;
@@ -74,7 +63,7 @@ struct UaaGeometry {
   std::int64_t row = 0, lse_row = sizeof(float);
 
   UaaGeometry(const Geometry& geo, const std::vector<RankWork>& w)
-      : g(geo), work(w), q_start(prefix(geo.q_lens)), kv_start(prefix(geo.kv_lens)),
+      : g(geo), work(w), q_start(prefix_sums(geo.q_lens)), kv_start(prefix_sums(geo.kv_lens)),
         row(geo.head_dim * geo.elem_bytes) {}
 
   RowRange tokens(int r) const { return {q_start[r], q_start[r + 1]}; }

@@ -350,7 +350,7 @@ Program compile_padded_forward(const Geometry& g, int r) {
 
 Program compile_allgather_kv_forward(const Geometry& g, int r) {
   const int P = static_cast<int>(g.q_lens.size());
-  const std::vector<std::int64_t> q_start = prefix(g.q_lens), kv_start = prefix(g.kv_lens);
+  const std::vector<std::int64_t> q_start = prefix_sums(g.q_lens), kv_start = prefix_sums(g.kv_lens);
   const std::int64_t row = g.head_dim * g.elem_bytes, kv_total = kv_start.back();
   // Rank x's stage_in: [K of the other ranks in global order | V likewise], all kv heads.
   auto k_bytes = [&](int x) { return align((kv_total - g.kv_lens[x]) * g.kv_heads * row); };

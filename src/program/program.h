@@ -64,6 +64,15 @@ struct Part {
 };
 static_assert(sizeof(Place) == 32 && sizeof(Part) == 80);
 
+// A caller tensor's block at local token `token`, head `head`.
+inline Place tensor_place(Slot s, std::int64_t token, std::int64_t head) {
+  Place p;
+  p.slot = s;
+  p.token = token;
+  p.head = head;
+  return p;
+}
+
 // A staging block whose rows are dense ([tokens][heads][row], no gaps) is one contiguous run: the
 // message executor sends it from / receives it into staging directly; other parts are packed.
 inline bool is_dense_staging(const Place& p, std::int64_t heads) {

@@ -600,23 +600,5 @@ int run(const SweepOptions& o, int me, int P) {
 
 int bench_docs_main(int argc, char** argv) {
   using namespace uaa::bench;
-  MPI_Init(&argc, &argv);
-  int me = 0, P = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &me);
-  MPI_Comm_size(MPI_COMM_WORLD, &P);
-  int status = 0;
-  try {
-    const SweepOptions o = parse_sweep(argc, argv, SweepFor::docs);
-    if (o.help) {
-      if (me == 0) std::fputs(kDocsUsage, stdout);
-    } else {
-      status = run(o, me, P);
-    }
-  } catch (const std::exception& e) {
-    // Option and plan errors are the same on every rank.
-    if (me == 0) std::fprintf(stderr, "uaa bench docs: %s\n", e.what());
-    status = 2;
-  }
-  MPI_Finalize();
-  return status;
+  return mpi_benchmark_main(argc, argv, SweepFor::docs, "uaa bench docs", kDocsUsage, run);
 }

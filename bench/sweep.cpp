@@ -1,5 +1,7 @@
 #include "sweep.h"
 
+#include <mpi.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -305,6 +307,30 @@ std::string join(const std::vector<std::int64_t>& v) {
     s += std::to_string(v[i]);
   }
   return s;
+}
+
+int mpi_benchmark_main(int argc, char** argv, SweepFor mode, const char* name, const char* usage,
+                       int (*run)(const SweepOptions& o, int me, int P)) {
+  MPI_Init(&argc, &argv);
+  int me = 0, P = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &me);
+  MPI_Comm_size(MPI_COMM_WORLD, &P);
+  int status = 0;
+  try {
+    const SweepOptions o = parse_sweep(argc, argv, mode);
+    if (o.help) {
+      if (me == 0) std::fputs(usage, stdout);
+    } else {
+      status = run(o, me, P);
+    }
+  } catch (const std::exception& e) {
+    // Option and plan errors are the same on every rank; a rank-0-only failure (csv, plot) is
+    // reported there.
+    if (me == 0) std::fprintf(stderr, "%s: %s\n", name, e.what());
+    status = 2;
+  }
+  MPI_Finalize();
+  return status;
 }
 
 }  // namespace uaa::bench

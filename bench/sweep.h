@@ -57,6 +57,12 @@ struct SweepOptions {
 // Parses the options after the command name. Throws SweepError.
 SweepOptions parse_sweep(int argc, char** argv, SweepFor mode);
 
+// main() of the MPI benchmarks (`uaa bench`, `uaa bench docs`): MPI up, options parsed (`usage` on
+// rank 0 for --help), `run` called; an exception (option and plan errors are the same on every rank)
+// is printed once as "<name>: <what>" and gives status 2.
+int mpi_benchmark_main(int argc, char** argv, SweepFor mode, const char* name, const char* usage,
+                       int (*run)(const SweepOptions& o, int me, int P));
+
 // The sequence totals (or explicit lens) to run, each as per-rank lengths for `ranks` ranks.
 std::vector<std::vector<std::int64_t>> sweep_lengths(const SweepOptions& o, int ranks);
 // The key/value per-rank lengths that go with query lengths `q_lens`: the same, unless the key/value

@@ -446,6 +446,22 @@ std::string mpi_library_version() {
   return std::string(buf, static_cast<std::size_t>(std::max(len, 0)));
 }
 
+// The MPI this module was compiled against (its mpi.h), as mpi4py.MPI.get_vendor() says it:
+// ("Open MPI", (4, 1, 4)), ("MPICH", (4, 0, 2)). Compile-time, so it cannot be fooled by the
+// dynamic linker resolving this module's MPI symbols to another loaded MPI library.
+py::tuple mpi_compiled_vendor() {
+#if defined(OPEN_MPI)
+  return py::make_tuple("Open MPI",
+                        py::make_tuple(OMPI_MAJOR_VERSION, OMPI_MINOR_VERSION, OMPI_RELEASE_VERSION));
+#elif defined(MPICH_NUMVERSION)
+  return py::make_tuple("MPICH", py::make_tuple(MPICH_NUMVERSION / 10000000,
+                                                MPICH_NUMVERSION / 100000 % 100,
+                                                MPICH_NUMVERSION / 1000 % 100));
+#else
+  return py::make_tuple("unknown", py::make_tuple(0, 0, 0));
+#endif
+}
+
 std::shared_ptr<uaa::Communicator> communicator_from_mpi4py(py::handle comm,
                                                             std::optional<double> timeout,
                                                             bool peer_reads,
@@ -550,6 +566,8 @@ PYBIND11_MODULE(_uaa, m) {
 
   m.def("mpi_library_version", &mpi_library_version,
         "MPI_Get_library_version() of the MPI this module is linked with");
+  m.def("mpi_compiled_vendor", &mpi_compiled_vendor,
+        "(name, (major, minor, micro)) of the mpi.h this module was compiled against");
   m.def("kernel_name", [] { return std::string(uaa::kernel_name()); });
   m.def("backward_kernel_name", [] { return std::string(uaa::backward_kernel_name()); });
   m.def("set_num_threads", &uaa::set_num_threads, py::arg("n"));

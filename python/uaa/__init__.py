@@ -72,8 +72,20 @@ backward_kernel_name = _uaa.backward_kernel_name
 mpi_library_version = _uaa.mpi_library_version
 
 
-def mpi_mismatch(library_version, mpi4py_version):
-    """The reason two MPI_Get_library_version() strings name different MPI libraries, or None."""
+def mpi_mismatch(library_version, mpi4py_version, library_vendor=None, mpi4py_vendor=None):
+    """Why uaa's MPI and mpi4py's differ, or None. Compares the vendors and versions the two were
+    compiled against (``(name, (major, minor, micro))``, as mpi4py.MPI.get_vendor() gives them),
+    then the MPI_Get_library_version() strings of the libraries they run with."""
+    if library_vendor is not None and mpi4py_vendor is not None:
+        a, b = tuple(library_vendor), tuple(mpi4py_vendor)
+        if (a[0], tuple(a[1])) != (b[0], tuple(b[1])):
+            return (
+                "uaa was built against %s %s but mpi4py against %s %s: both sides of a "
+                "communicator must use the same MPI library (one process cannot mix two). Build "
+                "uaa against mpi4py's MPI (Debian's python3-mpi4py uses Open MPI, the system "
+                "default), or install an mpi4py built for uaa's MPI."
+                % (a[0], ".".join(map(str, a[1])), b[0], ".".join(map(str, b[1])))
+            )
     a = library_version.strip().rstrip("\x00").strip()
     b = mpi4py_version.strip().rstrip("\x00").strip()
     if a == b:
@@ -87,7 +99,8 @@ def mpi_mismatch(library_version, mpi4py_version):
     )
 
 
-_why = mpi_mismatch(_uaa.mpi_library_version(), _MPI.Get_library_version())
+_why = mpi_mismatch(_uaa.mpi_library_version(), _MPI.Get_library_version(),
+                    _uaa.mpi_compiled_vendor(), _MPI.get_vendor())
 if _why is not None:
     raise ImportError(_why)
 

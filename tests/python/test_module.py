@@ -50,6 +50,9 @@ def test_mpi_library_check():
     assert uaa.mpi_mismatch(mine_, MPI.Get_library_version()) is None
     why = uaa.mpi_mismatch("Open MPI v4.1.4, package: Debian OpenMPI", "MPICH Version:\t4.0.2\n")
     assert "Open MPI v4.1.4" in why and "MPICH Version:" in why and "same MPI library" in why
+    assert uaa._uaa.mpi_compiled_vendor() == MPI.get_vendor()
+    why = uaa.mpi_mismatch(mine_, mine_, ("MPICH", (4, 0, 2)), ("Open MPI", (4, 1, 4)))
+    assert "built against MPICH 4.0.2 but mpi4py against Open MPI 4.1.4" in why
 
 
 def test_settings():
@@ -63,3 +66,37 @@ def test_settings():
         uaa.set_num_threads(-1)
     assert uaa.__version__.count(".") == 2
     gather_rows(np.zeros((1, 1)), 0)  # (conftest helper sanity)
+
+
+def test_gil_is_released_during_calls(comm):
+    """A Python thread keeps running while this rank is inside a long uaa call."""
+    import threading
+    import time
+
+    total = 3000
+    lens = [total // P] * P
+    lens[-1] += total - sum(lens)
+    start, n = mine(lens)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 8, 64), dtype=np.float32)
+    plan = uaa.Plan(comm, n, heads=8, head_dim=64)
+    ticks, stop = [0], threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            time.sleep(0.001)
+            ticks[0] += 1
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        time.sleep(0.01)
+        before, t0 = ticks[0], time.perf_counter()
+        uaa.attention(x, x, x, plan)
+        during, seconds = ticks[0] - before, time.perf_counter() - t0
+    finally:
+        stop.set()
+        thread.join()
+    # With the GIL held the ticker could not return from one sleep during the call.
+    got = WORLD.allgather((during, seconds))
+    assert all(d >= 5 for d, s in got if s > 0.05), got

@@ -10,14 +10,16 @@ rounds (so that drift hits every variant alike):
   numpy        uaa.attention(q, k, v, plan, out=out) with NumPy arrays;
   numpy+alloc  the same without out= (the call allocates its output);
   torch        uaa.attention with torch CPU tensors and out=;
-  autograd_fwd uaa.torch.attention, forward only (graph built, out/lse allocated, a SavedForward
-               taken: none comes back without a backward, so each call makes a new one).
+  cpp_fwd_bwd  uaa::forward with a SavedForward, then uaa::backward (saved mode), in a C++ loop;
+  autograd     torch.autograd.grad(uaa.torch.attention(q, k, v, plan), (q, k, v), dO): the same
+               pair through the autograd Function (out, lse and gradients allocated by torch, the
+               SavedForward taken from and returned to the plan's pool), against cpp_fwd_bwd.
 Two measures of the Python overhead, both the median over all calls, then the maximum over ranks:
-  same call    each Python call's wall time minus the wall time of the uaa::forward() inside it
-               (timed by the binding around the C++ call alone): what Python adds to that call,
+  same call    each Python call's wall time minus the wall time of the uaa::forward() (and
+               backward()) calls inside it (timed by the binding around the C++ calls alone): what Python adds to that call,
                immune to the run-to-run noise of the collective call itself;
   vs C++ loop  median Python call minus median call of the C++ loop (noisier: two sets of calls).
-The relative overhead divides the same-call overhead by the median C++ call.
+The relative overhead divides the same-call overhead by the median C++ call (pair).
 
 Shapes: FLUX (4609 tokens = 4096 image + 512 text + 1, 24 heads x 128, full attention, fp32) cut
 2304/2305; tiny (a few tokens per rank, 2 heads x 16) and tiny causal GQA.
@@ -58,13 +60,14 @@ def split(total, ranks):
 
 
 def time_python(fn, calls):
-    """Per call: (wall seconds, wall - the C++ forward() inside it)."""
+    """Per call: (wall seconds, wall - the C++ forward()/backward() calls inside it)."""
     out = []
     for _ in range(calls):
+        c0 = _uaa.call_seconds_total()
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
-        out.append((wall, wall - _uaa.last_call_seconds()))
+        out.append((wall, wall - (_uaa.call_seconds_total() - c0)))
     return out
 
 
@@ -72,11 +75,17 @@ def time_cpp(plan, q, k, v, out, calls):
     return [(t, 0.0) for t in _uaa.time_forward_cpp(plan._p, q, k, v, out, None, calls)]
 
 
+def time_cpp_train(plan, q, k, v, out, lse, dout, grads, calls):
+    return [(t, 0.0) for t in _uaa.time_forward_backward_cpp(plan._p, q, k, v, out, lse, dout,
+                                                             *grads, calls)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="flux,tiny,tiny_gqa_causal")
     ap.add_argument("--rounds", type=int, default=0, help="default: 3 (flux), 30 (tiny)")
     ap.add_argument("--calls", type=int, default=0, help="calls per round (default: by shape)")
+    ap.add_argument("--variants", default="", help="comma-separated subset (cpp always runs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     world = MPI.COMM_WORLD
@@ -101,11 +110,22 @@ def main():
         }
         if torch is not None:
             tq, tk, tv, tout = (torch.from_numpy(x) for x in (q, k, v, out))
-            rq = tq.clone().requires_grad_()
             variants["torch"] = lambda: time_python(
                 lambda: uaa.attention(tq, tk, tv, plan, out=tout), calls)
-            variants["autograd_fwd"] = lambda: time_python(
-                lambda: uaa.torch.attention(rq, tk, tv, plan), calls)
+            # Training: forward + backward, saved mode, C++ against autograd.
+            lplan = plan._lse_plan()
+            lse = np.empty((n, s["heads"]), np.float32)
+            dout = rng.standard_normal(q.shape, dtype=np.float32)
+            grads = [np.empty_like(x) for x in (q, k, v)]
+            variants["cpp_fwd_bwd"] = lambda: time_cpp_train(lplan, q, k, v, out, lse, dout,
+                                                             grads, calls)
+            rq, rk, rv = (x.clone().requires_grad_() for x in (tq, tk, tv))
+            tdout = torch.from_numpy(dout)
+            variants["autograd"] = lambda: time_python(lambda: torch.autograd.grad(
+                uaa.torch.attention(rq, rk, rv, plan), (rq, rk, rv), tdout), calls)
+        if args.variants:
+            keep = set(args.variants.split(",")) | {"cpp"}
+            variants = {key: f for key, f in variants.items() if key in keep}
         uaa.attention(q, k, v, plan, out=out)  # warm-up: workspace grown, pages touched
         if name != "flux":
             for f in variants.values():
@@ -116,14 +136,16 @@ def main():
                 world.Barrier()
                 per[key].extend(f())
         maxr = lambda x: world.allreduce(float(x), op=MPI.MAX)  # noqa: E731
+        ref = lambda key: "cpp_fwd_bwd" if key == "autograd" else "cpp"  # noqa: E731
         med = {key: maxr(np.median([w for w, _ in t])) for key, t in per.items()}
-        inside = {key: maxr(np.median([o for _, o in t])) for key, t in per.items() if key != "cpp"}
+        inside = {key: maxr(np.median([o for _, o in t])) for key, t in per.items()
+                  if not key.startswith("cpp")}
         row = {"shape": name, "ranks": comm.size, "lens": lens, "calls": len(per["cpp"]),
                "median_us": {key: 1e6 * m for key, m in med.items()},
                "overhead_same_call_us": {key: 1e6 * o for key, o in inside.items()},
-               "overhead_same_call_rel": {key: o / med["cpp"] for key, o in inside.items()},
-               "overhead_vs_cpp_loop_us": {key: 1e6 * (m - med["cpp"]) for key, m in med.items()
-                                           if key != "cpp"}}
+               "overhead_same_call_rel": {key: o / med[ref(key)] for key, o in inside.items()},
+               "overhead_vs_cpp_loop_us": {key: 1e6 * (med[key] - med[ref(key)])
+                                           for key in inside}}
         results.append(row)
         if comm.rank == 0 and not args.json:
             print("%s (%d ranks, lens %s, %d calls per variant, kernel %s, %d thread(s)):"
@@ -132,7 +154,7 @@ def main():
                                              "vs the C++ loop"))
             for key in variants:
                 line = "  %-12s %9.1f us" % (key, row["median_us"][key])
-                if key != "cpp":
+                if key in inside:
                     line += " %9.2f us (%7.4f%%) %+11.1f us" % (
                         row["overhead_same_call_us"][key], 100 * row["overhead_same_call_rel"][key],
                         row["overhead_vs_cpp_loop_us"][key])

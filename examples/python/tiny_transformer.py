@@ -7,13 +7,13 @@ Run (the launcher build/uaa-python is the Python CMake found, with the build's u
     mpirun -np 2 build/uaa-python examples/python/tiny_transformer.py
     mpirun -np 3 build/uaa-python examples/python/tiny_transformer.py --lens 70,0,122
 
-The model: token + position embeddings, a few pre-LayerNorm blocks (causal GQA attention through
+The model: token embeddings plus fixed sinusoidal positions, a few pre-LayerNorm blocks (causal GQA attention through
 uaa.torch.attention, then an MLP), a final LayerNorm and a vocabulary head; the loss is next-token
 cross entropy on random data. The sequence is cut over the ranks unevenly (--lens, 0 allowed):
 every rank embeds, attends (uaa moves what attention needs between ranks), runs the MLP and the
 loss on its own tokens only. The weight gradients are sums over all tokens, so each rank's are
-summed over the ranks (an all-reduce) before the optimizer step, which is then identical on every
-rank.
+summed over the ranks (an all-reduce: reduce-scatter + all-gather of one flat buffer that the
+gradients live in) before the optimizer step, which is then identical on every rank.
 
 Checks (rank 0, unless --no-reference): after the P-rank training, the same model (same seed) is
 trained on one rank (a uaa plan over MPI.COMM_SELF holding the whole sequence) and
@@ -104,17 +104,24 @@ class Block(torch.nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def sinusoidal(positions, dim):
+    """Fixed sinusoidal position encodings of global positions: [len(positions), dim]."""
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-np.log(10000.0) / dim))
+    angles = positions.to(torch.float64)[:, None] * freq[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).to(torch.float32)
+
+
 class TinyTransformer(torch.nn.Module):
-    def __init__(self, vocab, seq, dim, layers, heads, kv_heads):
+    def __init__(self, vocab, dim, layers, heads, kv_heads):
         super().__init__()
+        self.dim = dim
         self.tok = torch.nn.Embedding(vocab, dim)
-        self.pos = torch.nn.Embedding(seq, dim)
         self.blocks = torch.nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
         self.ln = torch.nn.LayerNorm(dim)
         self.head = torch.nn.Linear(dim, vocab)
 
     def forward(self, tokens, positions, plan, mode, dtype):
-        x = self.tok(tokens) + self.pos(positions)
+        x = self.tok(tokens) + sinusoidal(positions, self.dim)
         for b in self.blocks:
             x = b(x, plan, mode, dtype)
         return self.head(self.ln(x))
@@ -126,29 +133,36 @@ def make_data(args, total):
     return tokens[:-1], tokens[1:]  # inputs, next-token targets
 
 
-def make_model(args, total):
+def make_model(args):
     torch.manual_seed(args.seed)
-    return TinyTransformer(args.vocab, total, args.dim, args.layers, args.heads, args.kv_heads)
+    return TinyTransformer(args.vocab, args.dim, args.layers, args.heads, args.kv_heads)
 
 
-def sum_gradients(model, mpi_comm):
-    """Every parameter's gradient summed over the ranks (one reduction to rank 0 and a broadcast,
-    so that every rank ends with the same bits)."""
-    params = list(model.parameters())
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if mpi_comm.size == 1:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params]).numpy()
-    total = np.empty_like(flat)
-    mpi_comm.Reduce(flat, total, op=MPI.SUM, root=0)
-    mpi_comm.Bcast(total, root=0)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(torch.from_numpy(total[offset:offset + n]).view_as(p.grad))
-        offset += n
+class GradientSum:
+    """The parameters' gradients live in one flat buffer (each p.grad a view of it, which autograd
+    accumulates into); sum() adds it up over the ranks in place. Reduce-scatter then all-gather:
+    every chunk is summed once, on one rank, so every rank ends with the same bits."""
+
+    def __init__(self, model, mpi_comm):
+        params = list(model.parameters())
+        n = sum(p.numel() for p in params)
+        P = mpi_comm.size
+        self.comm = mpi_comm
+        self.flat = torch.zeros((n + P - 1) // P * P)  # padded to a multiple of the ranks
+        offset = 0
+        for p in params:
+            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.chunk = np.empty(self.flat.numel() // P, np.float32)
+
+    def zero(self):
+        self.flat.zero_()
+
+    def sum(self):
+        if self.comm.size > 1:
+            flat = self.flat.numpy()
+            self.comm.Reduce_scatter_block(flat, self.chunk, op=MPI.SUM)
+            self.comm.Allgather(self.chunk, flat)
 
 
 def train(args, ucomm, mpi_comm, lens, capture_steps=()):
@@ -159,32 +173,43 @@ def train(args, ucomm, mpi_comm, lens, capture_steps=()):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     plan = uaa.Plan.from_lengths(ucomm, lens, heads=args.heads, kv_heads=args.kv_heads,
                                  head_dim=args.dim // args.heads, causal=True, dtype=args.dtype)
-    model = make_model(args, total)
+    model = make_model(args)
+    grads = GradientSum(model, mpi_comm)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     inputs, targets = make_data(args, total)
     inputs, targets = inputs[start:start + lens[rank]], targets[start:start + lens[rank]]
     positions = torch.arange(start, start + lens[rank])
     losses, seconds, captures = [], [], {}
+    phases = {"forward": [], "backward": [], "allreduce": [], "optimizer": [], "uaa": []}
     for step in range(args.steps):
         mpi_comm.Barrier()
         t0 = time.perf_counter()
+        in_uaa = uaa._uaa.call_seconds_total()  # time inside uaa's C++ calls (reported)
         capture = step in capture_steps
         for b in model.blocks:
             b.capture = {} if capture else None
-        opt.zero_grad(set_to_none=True)
+        grads.zero()
         logits = model(inputs, positions, plan, args.mode, dtype)
         # This rank's share of the mean over all tokens (a rank with 0 tokens contributes 0, and
         # still runs its backward: the attention backward is collective).
         loss = F.cross_entropy(logits, targets, reduction="sum") / total
+        t1 = time.perf_counter()
         loss.backward()
-        sum_gradients(model, mpi_comm)
+        t2 = time.perf_counter()
+        grads.sum()
+        t3 = time.perf_counter()
         opt.step()
-        seconds.append(time.perf_counter() - t0)
+        t4 = time.perf_counter()
+        seconds.append(t4 - t0)
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3,
+                                    uaa._uaa.call_seconds_total() - in_uaa)):
+            phases[key].append(dt)
         losses.append(mpi_comm.allreduce(float(loss.detach()), op=MPI.SUM))
         if capture:
             captures[step] = [b.capture for b in model.blocks]
     for b in model.blocks:
         b.capture = None
+    train.phases = phases  # per step, this rank's (reported by run())
     return losses, seconds, captures
 
 
@@ -226,11 +251,16 @@ def run(args, mpi_comm=MPI.COMM_WORLD):
     check = not args.no_reference
     capture_steps = set(range(args.steps)) if check else set()
     losses, seconds, captures = train(args, ucomm, mpi_comm, lens, capture_steps)
+    warm = seconds[1:] if len(seconds) > 1 else seconds  # step 0 grows every buffer
     summary = {
         "ranks": P, "lens": lens, "steps": args.steps, "losses": losses,
-        "step_seconds_median": float(np.median(seconds)),
-        "step_seconds_max_over_ranks": mpi_comm.allreduce(float(np.median(seconds)), op=MPI.MAX),
+        "step_seconds_median": float(np.median(warm)),
+        "step_seconds_max_over_ranks": mpi_comm.allreduce(float(np.median(warm)), op=MPI.MAX),
         "step_seconds": seconds, "threads": args.threads, "kernel": uaa.kernel_name(),
+        # median over steps 1.. of each phase, max over ranks
+        "phase_seconds": {key: mpi_comm.allreduce(float(np.median(t[1:] if len(t) > 1 else t)),
+                                                  op=MPI.MAX)
+                          for key, t in train.phases.items()},
     }
     if not check:
         return summary
@@ -279,8 +309,9 @@ def main(argv=None):
                 if ref:
                     line += "  1 rank %.7f  rel dev %.2e" % (ref[i], abs(loss - ref[i]) / abs(ref[i]))
                 print(line)
-            print("step time (median, max over ranks): %.1f ms"
-                  % (1e3 * summary["step_seconds_max_over_ranks"]))
+            print("step time (median of steps 1.., max over ranks): %.1f ms (%s)"
+                  % (1e3 * summary["step_seconds_max_over_ranks"],
+                     ", ".join("%s %.1f" % (k, 1e3 * t) for k, t in summary["phase_seconds"].items())))
             if ref:
                 print("largest relative loss deviation vs 1 rank: %.3e (limit %.0e)"
                       % (summary["max_relative_loss_deviation"], args.tolerance))

@@ -305,12 +305,14 @@ uaa::Workspace& thread_workspace() {
 // around the C++ call alone (views made, GIL released): the benchmark of the Python call overhead
 // subtracts it from the Python call's own wall time.
 thread_local double g_last_call_seconds = 0;
+thread_local double g_call_seconds_total = 0;  // the sum over all of this thread's calls
 
 struct CallTimer {
   std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
   ~CallTimer() {
     g_last_call_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    g_call_seconds_total += g_last_call_seconds;
   }
 };
 
@@ -394,6 +396,56 @@ py::object backward(const uaa::Plan& plan, py::handle q, py::handle k, py::handl
   }
   if (!times) return py::none();
   return backward_times(t);
+}
+
+// forward(saved) + backward(saved) `iters` times from C++: the reference of the autograd
+// benchmark. Returns each pair's wall time in seconds.
+std::vector<double> time_forward_backward_cpp(const uaa::Plan& plan, py::handle q, py::handle k,
+                                              py::handle v, py::handle out, py::handle lse,
+                                              py::handle dout, py::handle dq, py::handle dk,
+                                              py::handle dv, int iters) {
+  Problems p;
+  uaa::Tensor tq, tk, tv, to, tdo, tdq, tdk, tdv;
+  p.note(to_view("q", inspect("q", q, false), plan, &tq));
+  p.note(to_view("k", inspect("k", k, false), plan, &tk));
+  p.note(to_view("v", inspect("v", v, false), plan, &tv));
+  p.note(to_view("out", inspect("out", out, true), plan, &to));
+  p.note(to_view("dout", inspect("dout", dout, false), plan, &tdo));
+  p.note(to_view("dq", inspect("dq", dq, true), plan, &tdq));
+  p.note(to_view("dk", inspect("dk", dk, true), plan, &tdk));
+  p.note(to_view("dv", inspect("dv", dv, true), plan, &tdv));
+  uaa::AttentionArgs f;
+  p.note(to_lse(inspect("lse", lse, true), plan, &f.lse, &f.lse_token_stride, &f.lse_batch_stride));
+  f.q = tq;
+  f.k = tk;
+  f.v = tv;
+  f.out = to;
+  f.caller_problem = p.c_str();
+  uaa::BackwardArgs b;
+  b.q = tq;
+  b.k = tk;
+  b.v = tv;
+  b.out = to;
+  b.lse = f.lse;
+  b.lse_token_stride = f.lse_token_stride;
+  b.lse_batch_stride = f.lse_batch_stride;
+  b.dout = tdo;
+  b.dq = tdq;
+  b.dk = tdk;
+  b.dv = tdv;
+  b.caller_problem = p.c_str();
+  std::vector<double> seconds;
+  uaa::Workspace& w = thread_workspace();
+  uaa::SavedForward saved;
+  py::gil_scoped_release nogil;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    uaa::forward(plan, f, w, saved);
+    uaa::backward(plan, b, w, saved);
+    seconds.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return seconds;
 }
 
 // Takes part in a forward() call of `plan` that fails on every rank with `message` (a problem the
@@ -705,6 +757,11 @@ PYBIND11_MODULE(_uaa, m) {
         py::arg("times") = false);
   m.def("last_call_seconds", [] { return g_last_call_seconds; },
         "Wall time of this thread's last forward()/backward() C++ call (benchmarks)");
+  m.def("call_seconds_total", [] { return g_call_seconds_total; },
+        "Sum of the wall times of this thread's forward()/backward() C++ calls (benchmarks)");
+  m.def("time_forward_backward_cpp", &time_forward_backward_cpp, py::arg("plan"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("iters"));
   m.def("fail_forward", &fail_forward, py::arg("plan"), py::arg("message"));
   m.def("time_forward_cpp", &time_forward_cpp, py::arg("plan"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("iters"));

@@ -43,7 +43,9 @@ class _Attention(_torch.autograd.Function):
         p = plan._lse_plan()
         out = _torch.empty(q.shape, dtype=q.dtype)
         lse = _torch.empty(p._lse_shape(q.dim() == 4), dtype=_torch.float32)
-        saved = p._take_saved() if mode == "saved" else None
+        # A SavedForward only where a backward may follow (none under no_grad or for inputs
+        # that need no gradient); the plan (with lse) is the same either way, on every rank.
+        saved = p._take_saved() if mode == "saved" and any(ctx.needs_input_grad[:3]) else None
         try:
             _uaa.forward(p._p, q, k, v, out, lse, saved, workspace)
         except BaseException:
@@ -83,6 +85,8 @@ def attention(q, k, v, plan, *, mode="saved", workspace=None):
     like q. ``mode="saved"`` (default): the forward keeps the q/k/v rows it received
     (``plan.saved_bytes``) and the backward moves only dO in and dQ/dK/dV out; ``"recompute"``:
     nothing is kept, the backward moves q/k/v again. The plan need not have return_lse.
+    SavedForwards are reused: after its backward, one goes back to a pool of the plan (so a model
+    whose L layers share a plan keeps L of them between steps, as during a step).
     """
     if mode not in _MODES:
         raise ValueError("mode must be 'saved' or 'recompute', not %r" % (mode,))

@@ -9,7 +9,8 @@ rounds (so that drift hits every variant alike):
                each call timed in C++;
   numpy        uaa.attention(q, k, v, plan, out=out) with NumPy arrays;
   numpy+alloc  the same without out= (the call allocates its output);
-  torch        uaa.attention with torch CPU tensors and out=;
+  torch        uaa.attention with torch CPU tensors and out= (views of the NumPy arrays);
+  cpp@torch    the C++ loop on clones torch allocated (no Python): the memory's own effect;
   cpp_fwd_bwd  uaa::forward with a SavedForward, then uaa::backward (saved mode), in a C++ loop;
   autograd     torch.autograd.grad(uaa.torch.attention(q, k, v, plan), (q, k, v), dO): the same
                pair through the autograd Function (out, lse and gradients allocated by torch, the
@@ -112,6 +113,10 @@ def main():
             tq, tk, tv, tout = (torch.from_numpy(x) for x in (q, k, v, out))
             variants["torch"] = lambda: time_python(
                 lambda: uaa.attention(tq, tk, tv, plan, out=tout), calls)
+            # The C++ loop again, on tensors torch allocated itself (clones): what the memory
+            # behind the arrays does to the call (page size), with no Python in the loop.
+            cq, ck, cv, cout = (torch.from_numpy(x).clone() for x in (q, k, v, out))
+            variants["cpp@torch"] = lambda: time_cpp(plan, cq, ck, cv, cout, calls)
             # Training: forward + backward, saved mode, C++ against autograd.
             lplan = plan._lse_plan()
             lse = np.empty((n, s["heads"]), np.float32)

@@ -83,9 +83,11 @@ def main():
     try:
         import torch
     except ImportError:
+        ok = world.bcast(ok, root=0)
         if rank == 0:
             print("torch not installed: autograd part skipped")
-        return 0 if world.bcast(ok, root=0) else 1
+            print("OK" if ok else "FAILED")
+        return 0 if ok else 1
     ok = autograd(world, plan, Q, K, V, start, mine, total) and ok
     ok = world.bcast(ok, root=0)
     if rank == 0:

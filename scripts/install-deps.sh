@@ -12,6 +12,9 @@ packages=(
   libopenblas-dev              # benchmark reference only (sgemm); never linked into libuaa
   gnuplot-nox                  # benchmark plots
   clang libclang-rt-14-dev     # libFuzzer targets and sanitizer runtimes
+  # The Python package (python/) for Debian's python3: pybind11 and the headers to build it,
+  # NumPy and mpi4py (Open MPI's, like the library's) to use it, PyTorch for uaa.torch, pytest.
+  python3-dev pybind11-dev python3-numpy python3-mpi4py python3-torch python3-pytest
 )
 
 missing=()

@@ -53,6 +53,12 @@ struct AttentionArgs {
   std::int64_t lse_token_stride = 0;  // elements between tokens in lse; 0 means Hq
   std::int64_t lse_batch_stride = 0;  // batched plans: elements between sequences; 0 means
                                       // q_tokens * the token stride ([B][q_tokens][Hq])
+  // For bindings (the Python package): a problem the caller found in its own arguments that no
+  // view above can express (an array of another element type, a non-contiguous head_dim, ...).
+  // When set, this rank takes part in the call's agreement with it as its verdict, so every rank
+  // raises uaa::Error(invalid_argument, "uaa::forward: rank r: <caller_problem>") and nothing is
+  // written, as for any other bad argument. The views are then not read.
+  const char* caller_problem = nullptr;
 };
 
 // Per-phase wall times of one call, in milliseconds, as seen by this rank. An exchange phase also

@@ -74,6 +74,7 @@ struct BackwardArgs {
   ConstTensor dout;      // [q_tokens][Hq][D] gradient of the loss with respect to out
   Tensor dq;             // [q_tokens][Hq][D]
   Tensor dk, dv;         // [kv_tokens][Hkv][D]
+  const char* caller_problem = nullptr;  // as AttentionArgs::caller_problem (for bindings)
 };
 
 // Per-phase wall times of one backward() call in milliseconds, as seen by this rank.

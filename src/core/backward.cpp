@@ -43,6 +43,7 @@ std::int64_t lse_stride(const BackwardArgs& a, const AttentionShape& s) {
 }
 
 std::string args_problem(const PlanData& plan, const BackwardArgs& a) {
+  if (a.caller_problem != nullptr) return a.caller_problem;  // a binding's own finding
   const AttentionShape& s = plan.shape;
   const std::int64_t nq = plan.q_lens[plan.rank], nkv = plan.kv_lens[plan.rank];
   std::string p;

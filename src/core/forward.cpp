@@ -42,6 +42,7 @@ std::int64_t lse_token_stride(const AttentionArgs& a, const AttentionShape& s) {
 }
 
 std::string args_problem(const PlanData& plan, const AttentionArgs& a) {
+  if (a.caller_problem != nullptr) return a.caller_problem;  // a binding's own finding
   const AttentionShape& s = plan.shape;
   const std::int64_t q_tokens = plan.q_lens[plan.rank], kv_tokens = plan.kv_lens[plan.rank];
   std::string p;

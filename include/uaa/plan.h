@@ -133,6 +133,10 @@ struct PlanOptions {
   // then agree with the float64 reference within the kernels' tolerance, not bitwise.
   bool allow_mixed_kernels = false;
   BackwardOrder backward_order = BackwardOrder::canonical;  // see above
+  // For bindings (Python): a problem the binding found in its own arguments before it could build
+  // the shape. When set, create() raises uaa::Error(invalid_argument, "uaa::Plan::create: rank r:
+  // <caller_problem>") on every rank, so one rank's bad argument does not leave its peers waiting.
+  const char* caller_problem = nullptr;
 };
 
 inline constexpr std::int64_t kMaxHeadDim = 256;

@@ -662,10 +662,23 @@ PYBIND11_MODULE(_uaa, m) {
              std::int64_t batch, std::int64_t window_left, std::int64_t window_right,
              const DocsArg& docs, const DocsArg& cu_seqlens, const std::string& strategy,
              bool allow_mixed_kernels, const std::string& backward_order) {
-            const uaa::AttentionShape s = make_shape(heads, kv_heads, head_dim, dtype, causal, scale,
-                                                     return_lse, batch, window_left, window_right);
-            const uaa::PlanOptions o = make_options(strategy, allow_mixed_kernels, backward_order);
-            const std::optional<uaa::Documents> d = make_docs(docs, cu_seqlens);
+            // Collective: a value this rank cannot parse goes into the agreement as the options'
+            // caller_problem, so every rank raises it instead of this rank alone.
+            std::string problem;
+            uaa::AttentionShape s;
+            uaa::PlanOptions o;
+            std::optional<uaa::Documents> d;
+            try {
+              s = make_shape(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
+                             window_left, window_right);
+              o = make_options(strategy, allow_mixed_kernels, backward_order);
+              d = make_docs(docs, cu_seqlens);
+            } catch (const uaa::Error& e) {
+              problem = e.what();
+              o = uaa::PlanOptions{};
+              o.caller_problem = problem.c_str();
+              d.reset();
+            }
             py::gil_scoped_release nogil;
             return d ? uaa::Plan::create(comm, s, q_tokens, kv_tokens, *d, o)
                      : uaa::Plan::create(comm, s, q_tokens, kv_tokens, o);
@@ -675,6 +688,17 @@ PYBIND11_MODULE(_uaa, m) {
           py::arg("scale"), py::arg("return_lse"), py::arg("batch"), py::arg("window_left"),
           py::arg("window_right"), py::arg("docs"), py::arg("cu_seqlens"), py::arg("strategy"),
           py::arg("allow_mixed_kernels"), py::arg("backward_order"))
+      .def_static(
+          "create_failed",
+          [](uaa::Communicator& comm, const std::string& problem) {
+            // Takes part in Plan::create for a rank whose Python arguments could not be
+            // converted: every rank raises invalid_argument with this rank's `problem`.
+            uaa::PlanOptions o;
+            o.caller_problem = problem.c_str();
+            py::gil_scoped_release nogil;
+            uaa::Plan::create(comm, uaa::AttentionShape{}, 0, 0, o);
+          },
+          py::arg("comm"), py::arg("problem"))
       .def_static(
           "from_lengths",
           [](uaa::Communicator& comm, Lens q_lens, Lens kv_lens, std::int64_t heads,

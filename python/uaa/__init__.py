@@ -21,6 +21,7 @@ is contiguous. Nothing is copied, and the GIL is released during each call. For 
 :func:`uaa.torch.attention`. Every failure is a :class:`uaa.Error` raised alike on every rank.
 """
 
+import operator as _operator
 import sys as _sys
 
 import numpy as _np
@@ -178,6 +179,28 @@ def _dtype_name(dtype):
     return {"f32": "float32", "bf16": "bfloat16"}.get(name, name)
 
 
+def _integer(x, name):
+    """x as a Python int that fits uaa's int64 (NumPy and other integers too; no floats)."""
+    try:
+        n = _operator.index(x)
+    except TypeError:
+        raise TypeError("%s must be an integer, not %s" % (name, type(x).__qualname__)) from None
+    if not -(1 << 63) <= n < (1 << 63):
+        raise OverflowError("%s %d does not fit in 64 bits" % (name, n))
+    return n
+
+
+def _lengths(x, name):
+    if isinstance(x, (str, bytes)):
+        raise TypeError("%s must be a sequence of integers, not %s" % (name, type(x).__qualname__))
+    try:
+        items = list(x)
+    except TypeError:
+        raise TypeError("%s must be a sequence of integers, not %s"
+                        % (name, type(x).__qualname__)) from None
+    return [_integer(n, name) for n in items]
+
+
 def _is_lengths(x):
     return all(isinstance(n, (int, _np.integer)) for n in x)
 
@@ -186,13 +209,16 @@ def _docs_arg(docs, what):
     """docs: None, [n0, n1, ...] (self attention) or (q_docs, kv_docs) -> (q, kv) or None."""
     if docs is None:
         return None
-    docs = list(docs)
-    if _is_lengths(docs):
-        return ([int(n) for n in docs], [])
-    if len(docs) == 2 and _is_lengths(docs[0]) and _is_lengths(docs[1]):
-        return ([int(n) for n in docs[0]], [int(n) for n in docs[1]])
+    if not isinstance(docs, (str, bytes)):
+        docs = list(docs)
+        if _is_lengths(docs):
+            return (_lengths(docs, what), [])
+        if len(docs) == 2 and not isinstance(docs[0], (str, bytes)) and \
+                not isinstance(docs[1], (str, bytes)):
+            return (_lengths(docs[0], what), _lengths(docs[1], what))
     raise TypeError(
-        "%s: a list of lengths (self attention) or a pair (query lengths, key/value lengths)" % what
+        "%s: a list of lengths (self attention) or a pair (query lengths, key/value lengths), "
+        "not %r" % (what, docs)
     )
 
 
@@ -200,23 +226,28 @@ def _window_arg(window):
     if window is None:
         return (-1, -1)
     if isinstance(window, (int, _np.integer)):
-        return (int(window), int(window))
-    left, right = window
-    return (-1 if left is None else int(left), -1 if right is None else int(right))
+        return (_integer(window, "window"), _integer(window, "window"))
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise TypeError("window must be None, an int or a (left, right) pair, not %r"
+                        % (window,)) from None
+    return (-1 if left is None else _integer(left, "window"),
+            -1 if right is None else _integer(right, "window"))
 
 
 def _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch, window,
                   docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order):
     left, right = _window_arg(window)
     return dict(
-        heads=int(heads),
-        kv_heads=0 if kv_heads is None else int(kv_heads),
-        head_dim=int(head_dim),
+        heads=_integer(heads, "heads"),
+        kv_heads=0 if kv_heads is None else _integer(kv_heads, "kv_heads"),
+        head_dim=_integer(head_dim, "head_dim"),
         dtype=_dtype_name(dtype),
         causal=bool(causal),
         scale=0.0 if scale is None else float(scale),
         return_lse=bool(return_lse),
-        batch=int(batch),
+        batch=_integer(batch, "batch"),
         window_left=left,
         window_right=right,
         docs=_docs_arg(docs, "docs"),
@@ -248,10 +279,16 @@ class Plan:
                  scale=None, return_lse=False, strategy="uaa", allow_mixed_kernels=False,
                  backward_order="canonical"):
         comm = _communicator(comm)
-        kw = _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
-                           window, docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order)
-        q_tokens = int(q_tokens)
-        kv_tokens = q_tokens if kv_tokens is None else int(kv_tokens)
+        try:
+            kw = _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
+                               window, docs, cu_seqlens, strategy, allow_mixed_kernels,
+                               backward_order)
+            q_tokens = _integer(q_tokens, "q_tokens")
+            kv_tokens = q_tokens if kv_tokens is None else _integer(kv_tokens, "kv_tokens")
+        except (TypeError, ValueError, OverflowError) as e:
+            # Collective even so: every rank raises InvalidArgumentError naming this rank.
+            _uaa.Plan.create_failed(comm._c, str(e))
+            raise AssertionError("unreachable: Plan.create_failed returned")  # pragma: no cover
         self._init(_uaa.Plan.create(comm._c, q_tokens, kv_tokens, **kw), comm)
 
     @classmethod
@@ -260,12 +297,14 @@ class Plan:
                      dtype="float32", scale=None, return_lse=False, strategy="uaa",
                      allow_mixed_kernels=False, backward_order="canonical"):
         """A plan from every rank's lengths (one entry per rank, the same on every rank): no
-        communication. A disagreement between ranks is reported by the first call."""
+        communication. A disagreement between ranks is reported by the first call; an argument
+        this rank cannot use raises here, on this rank only (as in C++: nothing is collective
+        here), so pass the same arguments on every rank or use :class:`Plan`."""
         comm = _communicator(comm)
         kw = _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
                            window, docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order)
-        q_lens = [int(n) for n in q_lens]
-        kv_lens = list(q_lens) if kv_lens is None else [int(n) for n in kv_lens]
+        q_lens = _lengths(q_lens, "q_lens")
+        kv_lens = list(q_lens) if kv_lens is None else _lengths(kv_lens, "kv_lens")
         self = cls.__new__(cls)
         self._init(_uaa.Plan.from_lengths(comm._c, q_lens, kv_lens, **kw), comm)
         return self

@@ -72,6 +72,7 @@ std::string docs_fit_problem(const Documents& d, const AttentionShape& s, const 
 
 
 std::string options_problem(const PlanOptions& o) {
+  if (o.caller_problem != nullptr) return o.caller_problem;  // a binding's own finding
   if (static_cast<int>(o.strategy) > static_cast<int>(Strategy::allgather_kv))
     return cat("strategy ", static_cast<int>(o.strategy), " is not a known strategy");
   return {};
@@ -296,7 +297,9 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   const int me = comm.rank(), P = comm.size();
   std::string problem;
   ErrorCode code = ErrorCode::invalid_argument;
-  if (q_tokens < 0) {
+  if (options.caller_problem != nullptr) {
+    problem = options.caller_problem;  // before the values a binding could not fill in
+  } else if (q_tokens < 0) {
     problem = cat("q_tokens ", q_tokens, " is negative");
   } else if (kv_tokens < 0) {
     problem = cat("kv_tokens ", kv_tokens, " is negative");

@@ -72,6 +72,7 @@ void expect_usable_after(Communicator& comm, const Problem& pb) {
 struct CreateCall {
   AttentionShape shape;
   std::int64_t q_tokens, kv_tokens;
+  PlanOptions options = {};
 };
 
 // Every rank calls Plan::create; `spoil` changes the arguments of the ranks for which `bad` holds.
@@ -83,7 +84,8 @@ void check_create_rejects(const std::function<bool(int)>& bad,
   auto comm = make_mpi_communicator(MPI_COMM_WORLD);
   CreateCall call{pb.shape, pb.q_lens[me], pb.kv_lens[me]};
   if (bad(me)) spoil(call);
-  const Outcome o = capture([&] { Plan::create(*comm, call.shape, call.q_tokens, call.kv_tokens); });
+  const Outcome o = capture(
+      [&] { Plan::create(*comm, call.shape, call.q_tokens, call.kv_tokens, call.options); });
   expect_same_error_everywhere(o, code, named_rank, needles);
   expect_usable_after(*comm, pb);
 }
@@ -127,6 +129,17 @@ TEST(CreateErrors, HeadDim300OnOneRank) {
 TEST(CreateErrors, QueryHeadsNotAMultipleOfKvHeads) {
   check_create_rejects(everyone(), [](CreateCall& c) { c.shape.kv_heads = 4; },
                        ErrorCode::invalid_argument, 0, {"6", "4"});
+}
+
+// A binding (Python) that could not convert its own arguments on one rank: the other ranks get its
+// problem too, before the values the binding left unset are looked at.
+TEST(CreateErrors, BindingProblemOnOneRank) {
+  check_create_rejects(only_last(), [](CreateCall& c) {
+    c.options.caller_problem = "heads must be an integer, not str";
+    c.shape.head_dim = 0;  // what a binding passes when it has nothing better
+  }, ErrorCode::invalid_argument, last_rank(),
+                       {"uaa::Plan::create: rank " + std::to_string(last_rank()) +
+                        ": heads must be an integer, not str"});
 }
 
 // Ranks that disagree on the shape: only the last rank differs.
@@ -275,6 +288,14 @@ TEST(ForwardErrors, WrongQueryTokensOnOneRank) {
                          .spoil = [](Call& c) { c.args.q.tokens += 1; },
                          .named_rank = bad,
                          .needles = {"q.tokens " + num(have + 1), num(have)}});
+}
+
+TEST(ForwardErrors, BindingProblemOnOneRank) {
+  const int bad = last_rank();
+  check_forward_rejects({.bad = only(bad),
+                         .spoil = [](Call& c) { c.args.caller_problem = "q is a list"; },
+                         .named_rank = bad,
+                         .needles = {"uaa::forward: rank " + num(bad) + ": q is a list"}});
 }
 
 TEST(ForwardErrors, WrongKvHeadsOnRankZero) {

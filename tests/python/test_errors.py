@@ -271,3 +271,46 @@ def test_every_code_maps_to_its_class(code):
     assert ei.value.code == code and str(ei.value) == "rank %d: some message" % RANK
     assert ei.value.message == str(ei.value)
     assert isinstance(ei.value, uaa.Error) and isinstance(ei.value, RuntimeError)
+
+
+@pytest.fixture(scope="module")
+def quick_comm():
+    """A communicator of its own with a short deadline: a rank left waiting fails fast, and a
+    timeout poisons this one alone."""
+    return uaa.Communicator(MPI.COMM_WORLD, timeout=10)
+
+
+# Arguments that one rank gets wrong in Plan(...): caught by the Python conversions, by the C++
+# binding's parsing, and by pybind11's own (an integer beyond int64).
+BAD_PLAN_ARGUMENTS = {
+    "heads_text": (dict(heads="four"), "heads"),
+    "window_triple": (dict(window=(1, 2, 3)), "window"),
+    "docs_text": (dict(docs="abc"), "docs"),
+    "dtype": (dict(dtype="float16"), "float16"),
+    "strategy": (dict(strategy="fastest"), "fastest"),
+    "backward_order": (dict(backward_order="sorted"), "sorted"),
+    "docs_and_cu_seqlens": (dict(docs=[53], cu_seqlens=[0, 53]), "not both"),
+    "huge_head_dim": (dict(head_dim=2 ** 70), "head_dim"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(BAD_PLAN_ARGUMENTS))
+def test_bad_plan_argument_on_one_rank(quick_comm, ctx, variant):
+    """Plan(...) is collective: an argument only one rank gets wrong is an InvalidArgumentError
+    on every rank naming that rank, never an exception on that rank alone while the others wait
+    for the deadline."""
+    bad, fragment = BAD_PLAN_ARGUMENTS[variant]
+    kw = dict(heads=H, head_dim=D)
+    if RANK == BAD:
+        kw.update(bad)
+    try:
+        uaa.Plan(quick_comm, ctx["n"], **kw)
+        e = None
+    except Exception as caught:  # noqa: BLE001 (any other kind on any rank fails the test)
+        e = caught
+    got = WORLD.allgather((type(e).__name__, str(e)))
+    assert [g[0] for g in got] == ["InvalidArgumentError"] * P, got
+    assert len({g[1] for g in got}) == 1, got
+    assert "uaa::Plan::create: rank %d" % BAD in str(e) and fragment in str(e), str(e)
+    # The communicator is not poisoned: a good plan follows on every rank.
+    assert uaa.Plan(quick_comm, ctx["n"], heads=H, head_dim=D).q_tokens == ctx["n"]

@@ -316,41 +316,85 @@ struct CallTimer {
   }
 };
 
-// Keeps the first problem of a call (each argument is still inspected in order).
-struct Problems {
-  std::string first;
-  void note(std::string p) {
-    if (first.empty() && !p.empty()) first = std::move(p);
+// A read-only argument as a ConstTensor view.
+std::string to_const_view(const char* name, py::handle obj, const uaa::Plan& plan,
+                          uaa::ConstTensor* t) {
+  uaa::Tensor view;
+  std::string problem = to_view(name, inspect(name, obj, false), plan, &view);
+  *t = view;
+  return problem;
+}
+
+// The views of one forward call's arguments. Each argument is inspected in order; the first
+// problem found becomes args.caller_problem (so the call fails on every rank with it). Not
+// copyable: caller_problem points into `problem`.
+struct ForwardViews {
+  std::string problem;
+  uaa::AttentionArgs args;
+
+  ForwardViews(const uaa::Plan& plan, py::handle q, py::handle k, py::handle v, py::handle out,
+               py::handle lse) {
+    note(to_const_view("q", q, plan, &args.q));
+    note(to_const_view("k", k, plan, &args.k));
+    note(to_const_view("v", v, plan, &args.v));
+    note(to_view("out", inspect("out", out, true), plan, &args.out));
+    if (!lse.is_none())
+      note(to_lse(inspect("lse", lse, true), plan, &args.lse, &args.lse_token_stride,
+                  &args.lse_batch_stride));
+    args.caller_problem = problem.empty() ? nullptr : problem.c_str();
   }
-  const char* c_str() const { return first.empty() ? nullptr : first.c_str(); }
+  ForwardViews(const ForwardViews&) = delete;
+  ForwardViews& operator=(const ForwardViews&) = delete;
+
+ private:
+  void note(std::string p) {
+    if (problem.empty() && !p.empty()) problem = std::move(p);
+  }
+};
+
+// The same for a backward call (out and lse are read, dq, dk, dv written).
+struct BackwardViews {
+  std::string problem;
+  uaa::BackwardArgs args;
+
+  BackwardViews(const uaa::Plan& plan, py::handle q, py::handle k, py::handle v, py::handle out,
+                py::handle lse, py::handle dout, py::handle dq, py::handle dk, py::handle dv) {
+    note(to_const_view("q", q, plan, &args.q));
+    note(to_const_view("k", k, plan, &args.k));
+    note(to_const_view("v", v, plan, &args.v));
+    note(to_const_view("out", out, plan, &args.out));
+    float* lse_ptr = nullptr;
+    if (!lse.is_none())
+      note(to_lse(inspect("lse", lse, false), plan, &lse_ptr, &args.lse_token_stride,
+                  &args.lse_batch_stride));
+    args.lse = lse_ptr;
+    note(to_const_view("dout", dout, plan, &args.dout));
+    note(to_view("dq", inspect("dq", dq, true), plan, &args.dq));
+    note(to_view("dk", inspect("dk", dk, true), plan, &args.dk));
+    note(to_view("dv", inspect("dv", dv, true), plan, &args.dv));
+    args.caller_problem = problem.empty() ? nullptr : problem.c_str();
+  }
+  BackwardViews(const BackwardViews&) = delete;
+  BackwardViews& operator=(const BackwardViews&) = delete;
+
+ private:
+  void note(std::string p) {
+    if (problem.empty() && !p.empty()) problem = std::move(p);
+  }
 };
 
 py::object forward(const uaa::Plan& plan, py::handle q, py::handle k, py::handle v, py::handle out,
                    py::handle lse, uaa::SavedForward* saved, uaa::Workspace* ws, bool times) {
-  Problems p;
-  uaa::Tensor tq, tk, tv, to;
-  p.note(to_view("q", inspect("q", q, false), plan, &tq));
-  p.note(to_view("k", inspect("k", k, false), plan, &tk));
-  p.note(to_view("v", inspect("v", v, false), plan, &tv));
-  p.note(to_view("out", inspect("out", out, true), plan, &to));
-  uaa::AttentionArgs args;
-  if (!lse.is_none())
-    p.note(to_lse(inspect("lse", lse, true), plan, &args.lse, &args.lse_token_stride,
-                  &args.lse_batch_stride));
-  args.q = tq;
-  args.k = tk;
-  args.v = tv;
-  args.out = to;
-  args.caller_problem = p.c_str();
+  const ForwardViews views(plan, q, k, v, out, lse);
   uaa::Workspace& w = ws ? *ws : thread_workspace();
   uaa::PhaseTimes t;
   {
     py::gil_scoped_release nogil;
     CallTimer timer;
     if (saved)
-      uaa::forward(plan, args, w, *saved, times ? &t : nullptr);
+      uaa::forward(plan, views.args, w, *saved, times ? &t : nullptr);
     else
-      uaa::forward(plan, args, w, times ? &t : nullptr);
+      uaa::forward(plan, views.args, w, times ? &t : nullptr);
   }
   if (!times) return py::none();
   return forward_times(t);
@@ -359,40 +403,16 @@ py::object forward(const uaa::Plan& plan, py::handle q, py::handle k, py::handle
 py::object backward(const uaa::Plan& plan, py::handle q, py::handle k, py::handle v, py::handle out,
                     py::handle lse, py::handle dout, py::handle dq, py::handle dk, py::handle dv,
                     const uaa::SavedForward* saved, uaa::Workspace* ws, bool times) {
-  Problems p;
-  uaa::Tensor tq, tk, tv, to, tdo, tdq, tdk, tdv;
-  p.note(to_view("q", inspect("q", q, false), plan, &tq));
-  p.note(to_view("k", inspect("k", k, false), plan, &tk));
-  p.note(to_view("v", inspect("v", v, false), plan, &tv));
-  p.note(to_view("out", inspect("out", out, false), plan, &to));
-  uaa::BackwardArgs args;
-  float* lse_ptr = nullptr;
-  if (!lse.is_none())
-    p.note(to_lse(inspect("lse", lse, false), plan, &lse_ptr, &args.lse_token_stride,
-                  &args.lse_batch_stride));
-  args.lse = lse_ptr;
-  p.note(to_view("dout", inspect("dout", dout, false), plan, &tdo));
-  p.note(to_view("dq", inspect("dq", dq, true), plan, &tdq));
-  p.note(to_view("dk", inspect("dk", dk, true), plan, &tdk));
-  p.note(to_view("dv", inspect("dv", dv, true), plan, &tdv));
-  args.q = tq;
-  args.k = tk;
-  args.v = tv;
-  args.out = to;
-  args.dout = tdo;
-  args.dq = tdq;
-  args.dk = tdk;
-  args.dv = tdv;
-  args.caller_problem = p.c_str();
+  const BackwardViews views(plan, q, k, v, out, lse, dout, dq, dk, dv);
   uaa::Workspace& w = ws ? *ws : thread_workspace();
   uaa::BackwardTimes t;
   {
     py::gil_scoped_release nogil;
     CallTimer timer;
     if (saved)
-      uaa::backward(plan, args, w, *saved, times ? &t : nullptr);
+      uaa::backward(plan, views.args, w, *saved, times ? &t : nullptr);
     else
-      uaa::backward(plan, args, w, times ? &t : nullptr);
+      uaa::backward(plan, views.args, w, times ? &t : nullptr);
   }
   if (!times) return py::none();
   return backward_times(t);
@@ -404,44 +424,16 @@ std::vector<double> time_forward_backward_cpp(const uaa::Plan& plan, py::handle 
                                               py::handle v, py::handle out, py::handle lse,
                                               py::handle dout, py::handle dq, py::handle dk,
                                               py::handle dv, int iters) {
-  Problems p;
-  uaa::Tensor tq, tk, tv, to, tdo, tdq, tdk, tdv;
-  p.note(to_view("q", inspect("q", q, false), plan, &tq));
-  p.note(to_view("k", inspect("k", k, false), plan, &tk));
-  p.note(to_view("v", inspect("v", v, false), plan, &tv));
-  p.note(to_view("out", inspect("out", out, true), plan, &to));
-  p.note(to_view("dout", inspect("dout", dout, false), plan, &tdo));
-  p.note(to_view("dq", inspect("dq", dq, true), plan, &tdq));
-  p.note(to_view("dk", inspect("dk", dk, true), plan, &tdk));
-  p.note(to_view("dv", inspect("dv", dv, true), plan, &tdv));
-  uaa::AttentionArgs f;
-  p.note(to_lse(inspect("lse", lse, true), plan, &f.lse, &f.lse_token_stride, &f.lse_batch_stride));
-  f.q = tq;
-  f.k = tk;
-  f.v = tv;
-  f.out = to;
-  f.caller_problem = p.c_str();
-  uaa::BackwardArgs b;
-  b.q = tq;
-  b.k = tk;
-  b.v = tv;
-  b.out = to;
-  b.lse = f.lse;
-  b.lse_token_stride = f.lse_token_stride;
-  b.lse_batch_stride = f.lse_batch_stride;
-  b.dout = tdo;
-  b.dq = tdq;
-  b.dk = tdk;
-  b.dv = tdv;
-  b.caller_problem = p.c_str();
+  const ForwardViews f(plan, q, k, v, out, lse);
+  const BackwardViews b(plan, q, k, v, out, lse, dout, dq, dk, dv);
   std::vector<double> seconds;
   uaa::Workspace& w = thread_workspace();
   uaa::SavedForward saved;
   py::gil_scoped_release nogil;
   for (int i = 0; i < iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    uaa::forward(plan, f, w, saved);
-    uaa::backward(plan, b, w, saved);
+    uaa::forward(plan, f.args, w, saved);
+    uaa::backward(plan, b.args, w, saved);
     seconds.push_back(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
@@ -461,28 +453,14 @@ void fail_forward(const uaa::Plan& plan, const std::string& message) {
 // wall time in seconds: the reference of the call-overhead benchmark.
 std::vector<double> time_forward_cpp(const uaa::Plan& plan, py::handle q, py::handle k,
                                      py::handle v, py::handle out, py::handle lse, int iters) {
-  Problems p;
-  uaa::Tensor tq, tk, tv, to;
-  p.note(to_view("q", inspect("q", q, false), plan, &tq));
-  p.note(to_view("k", inspect("k", k, false), plan, &tk));
-  p.note(to_view("v", inspect("v", v, false), plan, &tv));
-  p.note(to_view("out", inspect("out", out, true), plan, &to));
-  uaa::AttentionArgs args;
-  if (!lse.is_none())
-    p.note(to_lse(inspect("lse", lse, true), plan, &args.lse, &args.lse_token_stride,
-                  &args.lse_batch_stride));
-  args.q = tq;
-  args.k = tk;
-  args.v = tv;
-  args.out = to;
-  args.caller_problem = p.c_str();
+  const ForwardViews f(plan, q, k, v, out, lse);
   std::vector<double> seconds;
   seconds.reserve(static_cast<std::size_t>(std::max(iters, 0)));
   uaa::Workspace& w = thread_workspace();
   py::gil_scoped_release nogil;
   for (int i = 0; i < iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    uaa::forward(plan, args, w);
+    uaa::forward(plan, f.args, w);
     seconds.push_back(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }

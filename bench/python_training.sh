@@ -15,6 +15,11 @@ shift $(( $# >= 2 ? 2 : $# ))
 model=(--seq 4096 --dim 256 --heads 4 --kv-heads 2 --layers 2 --vocab 1024 --steps 10
        --threads 1 --no-reference --json "$@")
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# OpenBLAS (PyTorch's BLAS on Debian) picks its best kernels for this CPU: an environment that
+# forces a core type (OPENBLAS_CORETYPE=Haswell halves sgemm on Zen 5) would slow the token-wise
+# layers and flatter the ratio. Which core ran is printed.
+unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
+echo "OpenBLAS core: $(OPENBLAS_VERBOSE=2 "$build/uaa-python" -c 'import torch; (torch.ones(64, 64) @ torch.ones(64, 64)).sum()' 2>&1 | sed -n 's/^Core: //p' | head -1)"
 malloc=()
 if [ "${MALLOC:-default}" = keep ]; then
   malloc=(-x MALLOC_MMAP_THRESHOLD_=33554432 -x MALLOC_TRIM_THRESHOLD_=17179869184)

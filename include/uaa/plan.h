@@ -135,7 +135,8 @@ struct PlanOptions {
   BackwardOrder backward_order = BackwardOrder::canonical;  // see above
   // For bindings (Python): a problem the binding found in its own arguments before it could build
   // the shape. When set, create() raises uaa::Error(invalid_argument, "uaa::Plan::create: rank r:
-  // <caller_problem>") on every rank, so one rank's bad argument does not leave its peers waiting.
+  // <caller_problem>") on every rank, so one rank's bad argument does not leave its peers waiting;
+  // from_lengths() (no communication) raises it on this rank. Checked before any other value.
   const char* caller_problem = nullptr;
 };
 

@@ -566,6 +566,76 @@ std::optional<uaa::Documents> make_docs(const DocsArg& docs, const DocsArg& cu_s
   return std::nullopt;
 }
 
+// What a Python plan's keywords say, parsed once (uaa.Plan, Plan.from_lengths and the lse twin):
+// the shape, the options and the documents, or the problem that stopped the parsing (on this rank
+// only: Plan.create hands it to the agreement as PlanOptions::caller_problem).
+struct PlanSpec {
+  uaa::AttentionShape shape;
+  uaa::PlanOptions options;
+  std::optional<uaa::Documents> docs;
+  std::string problem;
+
+  // Points options.caller_problem at `problem` (set, or null); call before each use, as a copy of
+  // the spec must not point into the original.
+  const uaa::PlanOptions& checked_options() {
+    options.caller_problem = problem.empty() ? nullptr : problem.c_str();
+    return options;
+  }
+};
+
+PlanSpec parse_plan_spec(std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
+                         const std::string& dtype, bool causal, float scale, bool return_lse,
+                         std::int64_t batch, std::int64_t window_left, std::int64_t window_right,
+                         const DocsArg& docs, const DocsArg& cu_seqlens,
+                         const std::string& strategy, bool allow_mixed_kernels,
+                         const std::string& backward_order) {
+  PlanSpec spec;
+  try {
+    spec.shape = make_shape(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
+                            window_left, window_right);
+    spec.options = make_options(strategy, allow_mixed_kernels, backward_order);
+    spec.docs = make_docs(docs, cu_seqlens);
+  } catch (const uaa::Error& e) {
+    spec.problem = e.what();
+  }
+  return spec;
+}
+
+// A spec of nothing but a problem (Python's own conversions failed).
+PlanSpec failed_plan_spec(const std::string& problem) {
+  PlanSpec spec;
+  spec.problem = problem;
+  return spec;
+}
+
+uaa::Plan create_plan(uaa::Communicator& comm, std::int64_t q_tokens, std::int64_t kv_tokens,
+                      PlanSpec spec) {
+  const uaa::PlanOptions& o = spec.checked_options();  // a problem: every rank raises it
+  py::gil_scoped_release nogil;
+  return spec.docs && spec.problem.empty()
+             ? uaa::Plan::create(comm, spec.shape, q_tokens, kv_tokens, *spec.docs, o)
+             : uaa::Plan::create(comm, spec.shape, q_tokens, kv_tokens, o);
+}
+
+uaa::Plan plan_from_lengths(uaa::Communicator& comm, Lens q_lens, Lens kv_lens, PlanSpec spec) {
+  const uaa::PlanOptions& o = spec.checked_options();  // a problem: raised here, this rank only
+  return spec.docs && spec.problem.empty()
+             ? uaa::Plan::from_lengths(comm, spec.shape, std::move(q_lens), std::move(kv_lens),
+                                       *spec.docs, o)
+             : uaa::Plan::from_lengths(comm, spec.shape, std::move(q_lens), std::move(kv_lens), o);
+}
+
+// The same layout with return_lse (what a call producing the lse, and the backward, need): no
+// communication, every field taken from `p`.
+uaa::Plan lse_twin(const uaa::Plan& p) {
+  uaa::AttentionShape s = p.shape();
+  s.return_lse = true;
+  if (p.documents().q.size() > 1)
+    return uaa::Plan::from_lengths(p.communicator(), s, p.q_lens(), p.kv_lens(), p.documents(),
+                                   p.options());
+  return uaa::Plan::from_lengths(p.communicator(), s, p.q_lens(), p.kv_lens(), p.options());
+}
+
 const char* order_name(uaa::BackwardOrder o) {
   return o == uaa::BackwardOrder::canonical ? "canonical" : "by_rank";
 }
@@ -631,72 +701,21 @@ PYBIND11_MODULE(_uaa, m) {
       .def_property_readonly("plan_fingerprint", &uaa::SavedForward::plan_fingerprint)
       .def_property_readonly("bytes", &uaa::SavedForward::bytes);
 
+  py::class_<PlanSpec>(m, "PlanSpec")
+      .def(py::init(&parse_plan_spec), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("dtype"), py::arg("causal"), py::arg("scale"), py::arg("return_lse"),
+           py::arg("batch"), py::arg("window_left"), py::arg("window_right"), py::arg("docs"),
+           py::arg("cu_seqlens"), py::arg("strategy"), py::arg("allow_mixed_kernels"),
+           py::arg("backward_order"))
+      .def_static("failed", &failed_plan_spec, py::arg("problem"))
+      .def_readonly("problem", &PlanSpec::problem);
+
   py::class_<uaa::Plan>(m, "Plan")
-      .def_static(
-          "create",
-          [](uaa::Communicator& comm, std::int64_t q_tokens, std::int64_t kv_tokens,
-             std::int64_t heads, std::int64_t kv_heads, std::int64_t head_dim,
-             const std::string& dtype, bool causal, float scale, bool return_lse,
-             std::int64_t batch, std::int64_t window_left, std::int64_t window_right,
-             const DocsArg& docs, const DocsArg& cu_seqlens, const std::string& strategy,
-             bool allow_mixed_kernels, const std::string& backward_order) {
-            // Collective: a value this rank cannot parse goes into the agreement as the options'
-            // caller_problem, so every rank raises it instead of this rank alone.
-            std::string problem;
-            uaa::AttentionShape s;
-            uaa::PlanOptions o;
-            std::optional<uaa::Documents> d;
-            try {
-              s = make_shape(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
-                             window_left, window_right);
-              o = make_options(strategy, allow_mixed_kernels, backward_order);
-              d = make_docs(docs, cu_seqlens);
-            } catch (const uaa::Error& e) {
-              problem = e.what();
-              o = uaa::PlanOptions{};
-              o.caller_problem = problem.c_str();
-              d.reset();
-            }
-            py::gil_scoped_release nogil;
-            return d ? uaa::Plan::create(comm, s, q_tokens, kv_tokens, *d, o)
-                     : uaa::Plan::create(comm, s, q_tokens, kv_tokens, o);
-          },
-          py::arg("comm"), py::arg("q_tokens"), py::arg("kv_tokens"), py::arg("heads"),
-          py::arg("kv_heads"), py::arg("head_dim"), py::arg("dtype"), py::arg("causal"),
-          py::arg("scale"), py::arg("return_lse"), py::arg("batch"), py::arg("window_left"),
-          py::arg("window_right"), py::arg("docs"), py::arg("cu_seqlens"), py::arg("strategy"),
-          py::arg("allow_mixed_kernels"), py::arg("backward_order"))
-      .def_static(
-          "create_failed",
-          [](uaa::Communicator& comm, const std::string& problem) {
-            // Takes part in Plan::create for a rank whose Python arguments could not be
-            // converted: every rank raises invalid_argument with this rank's `problem`.
-            uaa::PlanOptions o;
-            o.caller_problem = problem.c_str();
-            py::gil_scoped_release nogil;
-            uaa::Plan::create(comm, uaa::AttentionShape{}, 0, 0, o);
-          },
-          py::arg("comm"), py::arg("problem"))
-      .def_static(
-          "from_lengths",
-          [](uaa::Communicator& comm, Lens q_lens, Lens kv_lens, std::int64_t heads,
-             std::int64_t kv_heads, std::int64_t head_dim, const std::string& dtype, bool causal,
-             float scale, bool return_lse, std::int64_t batch, std::int64_t window_left,
-             std::int64_t window_right, const DocsArg& docs, const DocsArg& cu_seqlens,
-             const std::string& strategy, bool allow_mixed_kernels,
-             const std::string& backward_order) {
-            const uaa::AttentionShape s = make_shape(heads, kv_heads, head_dim, dtype, causal, scale,
-                                                     return_lse, batch, window_left, window_right);
-            const uaa::PlanOptions o = make_options(strategy, allow_mixed_kernels, backward_order);
-            const std::optional<uaa::Documents> d = make_docs(docs, cu_seqlens);
-            return d ? uaa::Plan::from_lengths(comm, s, std::move(q_lens), std::move(kv_lens), *d, o)
-                     : uaa::Plan::from_lengths(comm, s, std::move(q_lens), std::move(kv_lens), o);
-          },
-          py::arg("comm"), py::arg("q_lens"), py::arg("kv_lens"), py::arg("heads"),
-          py::arg("kv_heads"), py::arg("head_dim"), py::arg("dtype"), py::arg("causal"),
-          py::arg("scale"), py::arg("return_lse"), py::arg("batch"), py::arg("window_left"),
-          py::arg("window_right"), py::arg("docs"), py::arg("cu_seqlens"), py::arg("strategy"),
-          py::arg("allow_mixed_kernels"), py::arg("backward_order"))
+      .def_static("create", &create_plan, py::arg("comm"), py::arg("q_tokens"),
+                  py::arg("kv_tokens"), py::arg("spec"))
+      .def_static("from_lengths", &plan_from_lengths, py::arg("comm"), py::arg("q_lens"),
+                  py::arg("kv_lens"), py::arg("spec"))
+      .def("lse_twin", &lse_twin)
       .def_property_readonly("ranks", &uaa::Plan::ranks)
       .def_property_readonly("rank", &uaa::Plan::rank)
       .def_property_readonly("communicator",

@@ -236,10 +236,12 @@ def _window_arg(window):
             -1 if right is None else _integer(right, "window"))
 
 
-def _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch, window,
-                  docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order):
+def _plan_spec(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch, window,
+               docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order):
+    """The keywords as the binding's PlanSpec (what the binding cannot parse it keeps as the
+    spec's problem; what Python cannot convert raises here)."""
     left, right = _window_arg(window)
-    return dict(
+    return _uaa.PlanSpec(
         heads=_integer(heads, "heads"),
         kv_heads=0 if kv_heads is None else _integer(kv_heads, "kv_heads"),
         head_dim=_integer(head_dim, "head_dim"),
@@ -280,16 +282,15 @@ class Plan:
                  backward_order="canonical"):
         comm = _communicator(comm)
         try:
-            kw = _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
-                               window, docs, cu_seqlens, strategy, allow_mixed_kernels,
-                               backward_order)
+            spec = _plan_spec(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
+                              window, docs, cu_seqlens, strategy, allow_mixed_kernels,
+                              backward_order)
             q_tokens = _integer(q_tokens, "q_tokens")
             kv_tokens = q_tokens if kv_tokens is None else _integer(kv_tokens, "kv_tokens")
         except (TypeError, ValueError, OverflowError) as e:
             # Collective even so: every rank raises InvalidArgumentError naming this rank.
-            _uaa.Plan.create_failed(comm._c, str(e))
-            raise AssertionError("unreachable: Plan.create_failed returned")  # pragma: no cover
-        self._init(_uaa.Plan.create(comm._c, q_tokens, kv_tokens, **kw), comm)
+            spec, q_tokens, kv_tokens = _uaa.PlanSpec.failed(str(e)), 0, 0
+        self._init(_uaa.Plan.create(comm._c, q_tokens, kv_tokens, spec), comm)
 
     @classmethod
     def from_lengths(cls, comm, q_lens, kv_lens=None, *, heads, head_dim, kv_heads=None,
@@ -301,12 +302,12 @@ class Plan:
         this rank cannot use raises here, on this rank only (as in C++: nothing is collective
         here), so pass the same arguments on every rank or use :class:`Plan`."""
         comm = _communicator(comm)
-        kw = _shape_kwargs(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
-                           window, docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order)
+        spec = _plan_spec(heads, kv_heads, head_dim, dtype, causal, scale, return_lse, batch,
+                          window, docs, cu_seqlens, strategy, allow_mixed_kernels, backward_order)
         q_lens = _lengths(q_lens, "q_lens")
         kv_lens = list(q_lens) if kv_lens is None else _lengths(kv_lens, "kv_lens")
         self = cls.__new__(cls)
-        self._init(_uaa.Plan.from_lengths(comm._c, q_lens, kv_lens, **kw), comm)
+        self._init(_uaa.Plan.from_lengths(comm._c, q_lens, kv_lens, spec), comm)
         return self
 
     def _init(self, p, comm):
@@ -373,24 +374,13 @@ class Plan:
         return self._p.describe()
 
     # The same layout with return_lse (what a call needs to produce the lse, and what the backward
-    # needs): Plan.from_lengths, so it costs no communication. Made once per plan.
+    # needs): Plan::from_lengths in the binding, so it costs no communication. Made once per plan.
     def _lse_plan(self):
         if self._p.return_lse:
             return self
         if self._twin is None:
-            p = self._p
-            q_docs, kv_docs = p.documents
-            docs = (list(q_docs), list(kv_docs)) if len(q_docs) > 1 else None
-            left, right = p.window
             self._twin = Plan.__new__(Plan)
-            self._twin._init(
-                _uaa.Plan.from_lengths(
-                    self._comm._c, list(p.q_lens), list(p.kv_lens), heads=p.heads,
-                    kv_heads=p.kv_heads, head_dim=p.head_dim, dtype=p.dtype, causal=p.causal,
-                    scale=p.scale, return_lse=True, batch=p.batch, window_left=left,
-                    window_right=right, docs=docs, cu_seqlens=None, strategy=p.strategy,
-                    allow_mixed_kernels=p.allow_mixed_kernels, backward_order=p.backward_order),
-                self._comm)
+            self._twin._init(self._p.lse_twin(), self._comm)
         return self._twin
 
     def _lse_shape(self, batched):

@@ -26,7 +26,7 @@ __all__ = ["attention", "Attention"]
 _MODES = ("saved", "recompute")
 
 
-def _usable(t, plan):
+def _usable(t):
     """Whether uaa can read t as it is (last axis contiguous, no broadcast batch)."""
     if t.dim() == 0:
         return False
@@ -63,7 +63,7 @@ class _Attention(_torch.autograd.Function):
         p, saved, workspace = ctx.uaa
         if dout.dtype != out.dtype:
             dout = dout.to(out.dtype)
-        if not _usable(dout, p):
+        if not _usable(dout):
             dout = dout.contiguous()
         dq = _torch.empty(q.shape, dtype=q.dtype)
         dk = _torch.empty(k.shape, dtype=k.dtype)

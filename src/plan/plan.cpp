@@ -72,7 +72,6 @@ std::string docs_fit_problem(const Documents& d, const AttentionShape& s, const 
 
 
 std::string options_problem(const PlanOptions& o) {
-  if (o.caller_problem != nullptr) return o.caller_problem;  // a binding's own finding
   if (static_cast<int>(o.strategy) > static_cast<int>(Strategy::allgather_kv))
     return cat("strategy ", static_cast<int>(o.strategy), " is not a known strategy");
   return {};
@@ -298,7 +297,7 @@ Plan Plan::create(Communicator& comm, const AttentionShape& shape, std::int64_t 
   std::string problem;
   ErrorCode code = ErrorCode::invalid_argument;
   if (options.caller_problem != nullptr) {
-    problem = options.caller_problem;  // before the values a binding could not fill in
+    problem = options.caller_problem;  // first: the values a binding passed with it mean nothing
   } else if (q_tokens < 0) {
     problem = cat("q_tokens ", q_tokens, " is negative");
   } else if (kv_tokens < 0) {
@@ -413,6 +412,8 @@ Plan Plan::from_lengths(Communicator& comm, const AttentionShape& shape,
   auto fail = [&](ErrorCode code, const std::string& what) {
     throw Error(code, cat("uaa::Plan::from_lengths: rank ", me, ": ", what));
   };
+  // A binding's own finding comes first: the values it passed with it mean nothing.
+  if (options.caller_problem != nullptr) fail(ErrorCode::invalid_argument, options.caller_problem);
   if (static_cast<int>(q_lens.size()) != P)
     fail(ErrorCode::invalid_argument, cat(q_lens.size(), " q lengths for ", P, " ranks"));
   if (static_cast<int>(kv_lens.size()) != P)

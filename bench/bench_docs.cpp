@@ -27,6 +27,7 @@
 #include "bench_docs.h"
 #include "bench_util.h"
 #include "plan/cost_model.h"
+#include "plan/layout.h"
 #include "presets.h"
 #include "sweep.h"
 #include "uaa/backward.h"
@@ -235,8 +236,9 @@ int run(const SweepOptions& o, int me, int P) {
   const std::vector<std::int64_t> kv_lens = kv_lengths(o, q_lens);
   const std::vector<std::int64_t>& docs = o.docs;
   const std::vector<std::int64_t>& kv_docs = o.kv_docs.empty() ? o.docs : o.kv_docs;
-  const std::vector<std::int64_t> Q = prefix(q_lens), KV = prefix(kv_lens);
-  const std::vector<std::int64_t> DQ = prefix(docs), DKV = prefix(kv_docs);
+  using detail::prefix_sums;
+  const std::vector<std::int64_t> Q = prefix_sums(q_lens), KV = prefix_sums(kv_lens);
+  const std::vector<std::int64_t> DQ = prefix_sums(docs), DKV = prefix_sums(kv_docs);
   const std::int64_t nq = q_lens[me], nkv = kv_lens[me];
   const std::size_t R = static_cast<std::size_t>(o.iters);
 
@@ -310,7 +312,7 @@ int run(const SweepOptions& o, int me, int P) {
     one.docs.clear();
     one.kv_docs.clear();
     const std::vector<std::int64_t> cl = even_split(o.calib_seq, P);
-    const std::vector<std::int64_t> C = prefix(cl);
+    const std::vector<std::int64_t> C = detail::prefix_sums(cl);
     const std::int64_t n = cl[me];
     cq = std::make_unique<Buf>(o.dtype, o.batch, n, o.heads, o.head_dim);
     ck = std::make_unique<Buf>(o.dtype, o.batch, n, o.kv_heads, o.head_dim);

@@ -40,13 +40,6 @@ inline std::int64_t sum(const std::vector<std::int64_t>& v) {
   return s;
 }
 
-// Prefix sums: v.size() + 1 entries from 0.
-inline std::vector<std::int64_t> prefix(const std::vector<std::int64_t>& v) {
-  std::vector<std::int64_t> p(v.size() + 1, 0);
-  for (std::size_t i = 0; i < v.size(); ++i) p[i + 1] = p[i] + v[i];
-  return p;
-}
-
 // A JSON number ("null" when not finite).
 inline std::string num(double v) {
   if (!std::isfinite(v)) return "null";

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "bench_util.h"
+#include "plan/layout.h"
 #include "presets.h"
 
 namespace uaa::bench {
@@ -281,8 +282,8 @@ detail::Geometry geometry_for(const SweepOptions& o, const std::vector<std::int6
   g.window_left = o.window_left;
   g.window_right = o.window_right;
   if (o.has_docs()) {
-    g.q_doc_start = prefix(o.docs);
-    g.kv_doc_start = prefix(o.kv_docs.empty() ? o.docs : o.kv_docs);
+    g.q_doc_start = detail::prefix_sums(o.docs);
+    g.kv_doc_start = detail::prefix_sums(o.kv_docs.empty() ? o.docs : o.kv_docs);
   }
   return g;
 }

@@ -73,6 +73,13 @@ backward_kernel_name = _uaa.backward_kernel_name
 mpi_library_version = _uaa.mpi_library_version
 
 
+_MPI_ADVICE = (
+    ": both sides of a communicator must use the same MPI library (one process cannot mix two). "
+    "Build uaa against mpi4py's MPI (Debian's python3-mpi4py uses Open MPI, the system default), "
+    "or install an mpi4py built for uaa's MPI."
+)
+
+
 def mpi_mismatch(library_version, mpi4py_version, library_vendor=None, mpi4py_vendor=None):
     """Why uaa's MPI and mpi4py's differ, or None. Compares the vendors and versions the two were
     compiled against (``(name, (major, minor, micro))``, as mpi4py.MPI.get_vendor() gives them),
@@ -80,24 +87,15 @@ def mpi_mismatch(library_version, mpi4py_version, library_vendor=None, mpi4py_ve
     if library_vendor is not None and mpi4py_vendor is not None:
         a, b = tuple(library_vendor), tuple(mpi4py_vendor)
         if (a[0], tuple(a[1])) != (b[0], tuple(b[1])):
-            return (
-                "uaa was built against %s %s but mpi4py against %s %s: both sides of a "
-                "communicator must use the same MPI library (one process cannot mix two). Build "
-                "uaa against mpi4py's MPI (Debian's python3-mpi4py uses Open MPI, the system "
-                "default), or install an mpi4py built for uaa's MPI."
-                % (a[0], ".".join(map(str, a[1])), b[0], ".".join(map(str, b[1])))
-            )
+            return "uaa was built against %s %s but mpi4py against %s %s" % (
+                a[0], ".".join(map(str, a[1])), b[0], ".".join(map(str, b[1]))) + _MPI_ADVICE
     a = library_version.strip().rstrip("\x00").strip()
     b = mpi4py_version.strip().rstrip("\x00").strip()
     if a == b:
         return None
     first = lambda s: s.splitlines()[0] if s else "(empty)"  # noqa: E731
-    return (
-        "uaa was built with the MPI library '%s' but mpi4py uses '%s': both sides of a "
-        "communicator must use the same MPI library (one process cannot mix two). Build uaa "
-        "against mpi4py's MPI (Debian's python3-mpi4py uses Open MPI, the system default), or "
-        "install an mpi4py built for uaa's MPI." % (first(a), first(b))
-    )
+    return ("uaa was built with the MPI library '%s' but mpi4py uses '%s'" % (first(a), first(b))
+            + _MPI_ADVICE)
 
 
 _why = mpi_mismatch(_uaa.mpi_library_version(), _MPI.Get_library_version(),
@@ -226,7 +224,8 @@ def _window_arg(window):
     if window is None:
         return (-1, -1)
     if isinstance(window, (int, _np.integer)):
-        return (_integer(window, "window"), _integer(window, "window"))
+        n = _integer(window, "window")
+        return (n, n)
     try:
         left, right = window
     except (TypeError, ValueError):
